@@ -1,0 +1,196 @@
+//! Runs a model through a schedule, samples each predicted cell and reports every pass to a
+//! sink (the CLI's progress bar, the app's worker channel). Cancellation happens between
+//! passes: the sink answers [`Flow::Stop`].
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::sampling::{Sampler, Sampling, SamplingError, cfg_combine, validate_cfg};
+use super::schedule::{Cell, Mode, Schedule, ScheduleError, Source, windows_from_passes};
+use super::trace::DecodeTrace;
+use crate::model::{Condition, ImageArModel, ModelInput, RunOptions};
+
+/// Settings of one generation run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GenerateParams {
+    /// NTP or ZipAR.
+    pub mode: Mode,
+    /// ZipAR window (ignored for NTP).
+    pub window: usize,
+    /// Classifier-free guidance scale; 1.0 runs without the unconditional half.
+    pub cfg_scale: f32,
+    /// How tokens are drawn.
+    pub sampling: Sampling,
+    /// RNG seed.
+    pub seed: u64,
+    /// Hide never-written cache slots from attention (off matches the official code).
+    pub mask_unwritten: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Zipar,
+            window: 4,
+            cfg_scale: 2.0,
+            sampling: Sampling::default(),
+            seed: 0,
+            mask_unwritten: false,
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassReport {
+    /// Pass index, from 0 (the prefill).
+    pub index: usize,
+    /// Passes in the whole run.
+    pub total: usize,
+    /// Cells produced, with token and probability, top to bottom.
+    pub produced: Vec<(Cell, u32, f32)>,
+    /// Inputs fed.
+    pub inputs: usize,
+    /// Wall time of the pass (model call plus sampling).
+    pub elapsed: Duration,
+}
+
+/// The sink's answer after each pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on.
+    Continue,
+    /// Cancel the run.
+    Stop,
+}
+
+/// Why a run ended without an image.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The sink asked to stop.
+    #[error("cancelled after {passes} of {total} passes")]
+    Cancelled {
+        /// Passes done.
+        passes: usize,
+        /// Passes planned.
+        total: usize,
+    },
+    /// The window does not fit the grid.
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    /// Sampling settings out of range.
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    /// The model failed.
+    #[error("model error: {0:#}")]
+    Model(#[from] anyhow::Error),
+}
+
+/// Builds the fixed schedule for a mode.
+pub fn schedule_for(
+    model: &dyn ImageArModel,
+    mode: Mode,
+    window: usize,
+) -> Result<Schedule, ScheduleError> {
+    let (h, w) = model.grid();
+    match mode {
+        Mode::Ntp => Schedule::ntp(h, w, model.layout()),
+        Mode::Zipar | Mode::Adaptive => Schedule::zipar(h, w, model.layout(), window),
+    }
+}
+
+/// Generates one image's tokens.
+pub fn generate(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    params: &GenerateParams,
+    sink: &mut dyn FnMut(&PassReport) -> Flow,
+) -> Result<DecodeTrace, EngineError> {
+    params.sampling.validate()?;
+    validate_cfg(params.cfg_scale)?;
+    let schedule = schedule_for(model, params.mode, params.window)?;
+    let (h, w) = (schedule.h, schedule.w);
+    let mut trace = DecodeTrace::new(h, w, params.mode, schedule.window);
+    trace.cfg_scale = params.cfg_scale;
+    trace.sampling = params.sampling;
+    trace.seed = params.seed;
+    let use_cfg = params.cfg_scale != 1.0;
+    let opts = RunOptions {
+        cfg: use_cfg,
+        mask_unwritten: params.mask_unwritten,
+    };
+    let mut sampler = Sampler::new(params.sampling, params.seed);
+    let mut grid: Vec<Option<u32>> = vec![None; h * w];
+    let total = schedule.num_passes();
+    let started = Instant::now();
+    for (index, pass) in schedule.passes.iter().enumerate() {
+        let t0 = Instant::now();
+        let logits = if pass.feeds.first().map(|f| f.source) == Some(Source::Condition) {
+            model.prefill(cond, opts)?
+        } else {
+            let inputs = pass
+                .feeds
+                .iter()
+                .map(|f| {
+                    let token = match f.source {
+                        Source::Cell(c) => grid[c.row * w + c.col].ok_or_else(|| {
+                            anyhow::anyhow!("schedule feeds cell {c:?} before it exists")
+                        })?,
+                        Source::Separator(_) => model.separator_token().ok_or_else(|| {
+                            anyhow::anyhow!("the schedule needs an end-of-row token")
+                        })?,
+                        Source::Condition => anyhow::bail!("condition fed after the prefill"),
+                    };
+                    Ok(ModelInput {
+                        token,
+                        pos: f.pos,
+                        wants_logits: f.predicts.is_some(),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            model.step(&inputs)?
+        };
+        let cells: Vec<Cell> = pass.predicted().collect();
+        if logits.cond.len() != cells.len() {
+            return Err(anyhow::anyhow!(
+                "model returned {} rows of logits for {} predictions",
+                logits.cond.len(),
+                cells.len()
+            )
+            .into());
+        }
+        let mut produced = Vec::with_capacity(cells.len());
+        for (i, cell) in cells.iter().enumerate() {
+            let row = match (&logits.uncond, use_cfg) {
+                (Some(u), true) => cfg_combine(&logits.cond[i], &u[i], params.cfg_scale),
+                _ => logits.cond[i].clone(),
+            };
+            let s = sampler.sample(&row);
+            grid[cell.row * w + cell.col] = Some(s.token);
+            trace.record(*cell, s.token, s.prob, index);
+            produced.push((*cell, s.token, s.prob));
+        }
+        let elapsed = t0.elapsed();
+        trace.passes = index + 1;
+        trace.pass_ms.push(elapsed.as_secs_f64() * 1e3);
+        trace.inputs_per_pass.push(pass.feeds.len());
+        trace.tokens_per_pass.push(cells.len());
+        let report = PassReport {
+            index,
+            total,
+            produced,
+            inputs: pass.feeds.len(),
+            elapsed,
+        };
+        if sink(&report) == Flow::Stop && index + 1 < total {
+            return Err(EngineError::Cancelled {
+                passes: index + 1,
+                total,
+            });
+        }
+    }
+    trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    trace.window_of = windows_from_passes(h, w, &trace.pass_of);
+    Ok(trace)
+}

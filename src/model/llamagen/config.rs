@@ -1,0 +1,213 @@
+//! Sizes of the LlamaGen GPT and VQ tokenizer, as read from a model's `config.json`.
+
+use serde::{Deserialize, Serialize};
+
+/// LlamaGen GPT hyper-parameters (autoregressive/models/gpt.py `ModelArgs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    /// Hidden size.
+    pub dim: usize,
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads (no grouped-query attention in LlamaGen).
+    pub n_head: usize,
+    /// Image-token vocabulary (the VQ codebook size).
+    pub vocab_size: usize,
+    /// Classes of a class-conditional model (the null class for CFG is `num_classes`).
+    #[serde(default)]
+    pub num_classes: usize,
+    /// Condition length: 1 for class-conditional models, 120 for text-conditional ones.
+    #[serde(default = "default_cls_token_num")]
+    pub cls_token_num: usize,
+    /// Width of caption embeddings (text-conditional models only; 2048 for FLAN-T5-XL).
+    #[serde(default)]
+    pub caption_dim: Option<usize>,
+    /// FFN hidden width; derived from `dim` as LlamaGen does when absent.
+    #[serde(default)]
+    pub ffn_hidden: Option<usize>,
+    /// Rounding of the derived FFN width.
+    #[serde(default = "default_multiple_of")]
+    pub multiple_of: usize,
+    /// RoPE base.
+    #[serde(default = "default_rope_base")]
+    pub rope_base: f32,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+}
+
+fn default_cls_token_num() -> usize {
+    1
+}
+fn default_multiple_of() -> usize {
+    256
+}
+fn default_rope_base() -> f32 {
+    10000.0
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+
+impl GptConfig {
+    /// The published LlamaGen sizes (GPT-B, -L, -XL, -XXL, -3B), class-conditional on
+    /// ImageNet.
+    pub fn preset(name: &str) -> Option<Self> {
+        let (n_layer, n_head, dim) = match name.to_ascii_uppercase().as_str() {
+            "GPT-B" => (12, 12, 768),
+            "GPT-L" => (24, 16, 1024),
+            "GPT-XL" => (36, 20, 1280),
+            "GPT-XXL" => (48, 24, 1536),
+            "GPT-3B" => (24, 32, 3200),
+            _ => return None,
+        };
+        Some(Self {
+            dim,
+            n_layer,
+            n_head,
+            vocab_size: 16384,
+            num_classes: 1000,
+            cls_token_num: 1,
+            caption_dim: None,
+            ffn_hidden: None,
+            multiple_of: 256,
+            rope_base: 10000.0,
+            norm_eps: 1e-5,
+        })
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_head
+    }
+
+    /// FFN hidden width: `find_multiple(int(2 * 4 * dim / 3), multiple_of)` unless given.
+    pub fn ffn_hidden(&self) -> usize {
+        self.ffn_hidden.unwrap_or_else(|| {
+            let hidden = 2 * 4 * self.dim / 3;
+            hidden.div_ceil(self.multiple_of) * self.multiple_of
+        })
+    }
+
+    /// Checks the sizes fit together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dim == 0 || self.n_head == 0 || self.n_layer == 0 || self.vocab_size == 0 {
+            return Err("dim, n_head, n_layer and vocab_size must be positive".into());
+        }
+        if self.dim % self.n_head != 0 {
+            return Err(format!(
+                "dim {} is not divisible by n_head {}",
+                self.dim, self.n_head
+            ));
+        }
+        if self.head_dim() % 4 != 0 {
+            return Err(format!(
+                "head dim {} must be a multiple of 4 for the 2D RoPE",
+                self.head_dim()
+            ));
+        }
+        if self.caption_dim.is_none() && self.num_classes == 0 {
+            return Err("a class-conditional model needs num_classes > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// LlamaGen VQ tokenizer hyper-parameters (tokenizer/tokenizer_image/vq_model.py).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VqConfig {
+    /// Codebook entries.
+    pub codebook_size: usize,
+    /// Codebook vector width.
+    #[serde(default = "default_codebook_dim")]
+    pub codebook_embed_dim: usize,
+    /// Latent channels fed to the decoder.
+    #[serde(default = "default_z_channels")]
+    pub z_channels: usize,
+    /// Base channel count.
+    #[serde(default = "default_ch")]
+    pub ch: usize,
+    /// Channel multipliers per resolution level (the decoder walks them in reverse).
+    #[serde(default = "default_ch_mult")]
+    pub ch_mult: Vec<usize>,
+    /// Residual blocks per level in the encoder; the decoder has one more.
+    #[serde(default = "default_res_blocks")]
+    pub num_res_blocks: usize,
+    /// GroupNorm groups.
+    #[serde(default = "default_groups")]
+    pub norm_groups: usize,
+}
+
+fn default_codebook_dim() -> usize {
+    8
+}
+fn default_z_channels() -> usize {
+    256
+}
+fn default_ch() -> usize {
+    128
+}
+fn default_ch_mult() -> Vec<usize> {
+    vec![1, 1, 2, 2, 4]
+}
+fn default_res_blocks() -> usize {
+    2
+}
+fn default_groups() -> usize {
+    32
+}
+
+impl VqConfig {
+    /// The published VQ-16 tokenizer.
+    pub fn vq16() -> Self {
+        Self {
+            codebook_size: 16384,
+            codebook_embed_dim: 8,
+            z_channels: 256,
+            ch: 128,
+            ch_mult: default_ch_mult(),
+            num_res_blocks: 2,
+            norm_groups: 32,
+        }
+    }
+
+    /// Pixels per token side.
+    pub fn downsample(&self) -> usize {
+        1 << self.ch_mult.len().saturating_sub(1)
+    }
+
+    /// Checks the sizes fit together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ch_mult.is_empty() || self.codebook_size == 0 || self.codebook_embed_dim == 0 {
+            return Err(
+                "VQ ch_mult, codebook_size and codebook_embed_dim must be non-empty".into(),
+            );
+        }
+        let g = self.norm_groups.max(1);
+        for m in &self.ch_mult {
+            if (self.ch * m) % g != 0 {
+                return Err(format!(
+                    "VQ channels {} are not divisible by {} GroupNorm groups",
+                    self.ch * m,
+                    g
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ffn_width_matches_llamagen_table() {
+        let widths: Vec<usize> = ["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B"]
+            .iter()
+            .map(|n| GptConfig::preset(n).unwrap().ffn_hidden())
+            .collect();
+        assert_eq!(widths, vec![2048, 2816, 3584, 4096, 8704]);
+        assert_eq!(GptConfig::preset("GPT-3B").unwrap().head_dim(), 100);
+    }
+}

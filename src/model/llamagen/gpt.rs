@@ -1,0 +1,367 @@
+//! The LlamaGen GPT (autoregressive/models/gpt.py), with a slot-indexed KV cache so that one
+//! forward pass can take several (token, slot) inputs, as ZipAR needs.
+//!
+//! `VarBuilder` paths mirror the original state-dict keys exactly.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::config::GptConfig;
+use super::rope2d::{self, Rope2d};
+use crate::model::kv::{LayerKv, slot_index};
+use crate::model::{Condition, ModelInput, PassLogits, RunOptions};
+
+#[derive(Debug)]
+struct Attention {
+    wqkv: Linear,
+    wo: Linear,
+    n_head: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug)]
+struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.w1.forward(x)?.silu()?;
+        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    attention: Attention,
+    feed_forward: FeedForward,
+    attention_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+}
+
+/// Per-pass tensors shared by every layer.
+struct PassCtx {
+    cos: Tensor,
+    sin: Tensor,
+    index: Tensor,
+    mask: Tensor,
+    len: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
+        let (b, k, dim) = x.dims3()?;
+        let qkv = self.wqkv.forward(x)?;
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, i * dim, dim)?
+                .reshape((b, k, self.n_head, self.head_dim))?
+                .transpose(1, 2)
+        };
+        let q = rope2d::apply(&split(0)?, &ctx.cos, &ctx.sin)?;
+        let key = rope2d::apply(&split(1)?, &ctx.cos, &ctx.sin)?;
+        let value = split(2)?;
+        let (keys, values) = kv.write_and_view(&ctx.index, &key, &value, ctx.len)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let att = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&ctx.mask.to_dtype(q.dtype())?)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let out = att
+            .matmul(&values.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, k, dim))?;
+        self.wo.forward(&out)
+    }
+}
+
+impl Block {
+    fn load(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.dim;
+        let hidden = cfg.ffn_hidden();
+        let attn = vb.pp("attention");
+        let ffn = vb.pp("feed_forward");
+        Ok(Self {
+            attention: Attention {
+                wqkv: candle_nn::linear_no_bias(dim, 3 * dim, attn.pp("wqkv"))?,
+                wo: candle_nn::linear_no_bias(dim, dim, attn.pp("wo"))?,
+                n_head: cfg.n_head,
+                head_dim: cfg.head_dim(),
+            },
+            feed_forward: FeedForward {
+                w1: candle_nn::linear_no_bias(dim, hidden, ffn.pp("w1"))?,
+                w2: candle_nn::linear_no_bias(hidden, dim, ffn.pp("w2"))?,
+                w3: candle_nn::linear_no_bias(dim, hidden, ffn.pp("w3"))?,
+            },
+            attention_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("attention_norm"))?,
+            ffn_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("ffn_norm"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
+        let h = (x + self
+            .attention
+            .forward(&self.attention_norm.forward(x)?, ctx, kv)?)?;
+        &h + self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?
+    }
+}
+
+/// How the condition is embedded.
+#[derive(Debug)]
+enum CondEmbedding {
+    /// `cls_embedding.embedding_table`: `num_classes + 1` rows, the last one the null class.
+    Class(Embedding),
+    /// `cls_embedding.cap_proj` (fc1, GELU-tanh, fc2, no bias) and the learned
+    /// unconditional caption `cls_embedding.uncond_embedding`.
+    Caption {
+        fc1: Linear,
+        fc2: Linear,
+        uncond: Tensor,
+    },
+}
+
+#[derive(Debug)]
+struct RunState {
+    kv: Vec<LayerKv>,
+    batch: usize,
+    opts: RunOptions,
+    written: Vec<bool>,
+}
+
+/// The LlamaGen transformer.
+#[derive(Debug)]
+pub struct Gpt {
+    cfg: GptConfig,
+    grid: (usize, usize),
+    tok_embeddings: Embedding,
+    cond: CondEmbedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    output: Linear,
+    rope: Rope2d,
+    device: Device,
+    dtype: DType,
+    state: Option<RunState>,
+}
+
+impl Gpt {
+    /// Builds the model for an `h x w` grid from weights with LlamaGen's key names.
+    pub fn load(cfg: &GptConfig, h: usize, w: usize, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.dim;
+        let cond = match cfg.caption_dim {
+            None => CondEmbedding::Class(candle_nn::embedding(
+                cfg.num_classes + 1,
+                dim,
+                vb.pp("cls_embedding.embedding_table"),
+            )?),
+            Some(cap) => {
+                let vb = vb.pp("cls_embedding");
+                CondEmbedding::Caption {
+                    fc1: candle_nn::linear_no_bias(cap, dim, vb.pp("cap_proj.fc1"))?,
+                    fc2: candle_nn::linear_no_bias(dim, dim, vb.pp("cap_proj.fc2"))?,
+                    uncond: vb.get((cfg.cls_token_num, cap), "uncond_embedding")?,
+                }
+            }
+        };
+        let layers = (0..cfg.n_layer)
+            .map(|i| Block::load(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            grid: (h, w),
+            tok_embeddings: candle_nn::embedding(cfg.vocab_size, dim, vb.pp("tok_embeddings"))?,
+            cond,
+            layers,
+            norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("norm"))?,
+            output: candle_nn::linear_no_bias(dim, cfg.vocab_size, vb.pp("output"))?,
+            rope: Rope2d::new(
+                cfg.head_dim(),
+                cfg.rope_base,
+                cfg.cls_token_num,
+                h,
+                w,
+                vb.device(),
+            )?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+            state: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// Token grid.
+    pub fn grid(&self) -> (usize, usize) {
+        self.grid
+    }
+
+    fn cond_embeddings(&self, cond: &Condition, cfg: bool) -> anyhow::Result<Tensor> {
+        let dim = self.cfg.dim;
+        let x = match (&self.cond, cond) {
+            (CondEmbedding::Class(table), Condition::Class(id)) => {
+                let n = self.cfg.num_classes as u32;
+                anyhow::ensure!(
+                    *id < n,
+                    "class id {id} is out of range: this model has classes 0..{}",
+                    n.saturating_sub(1)
+                );
+                let ids: Vec<u32> = if cfg { vec![*id, n] } else { vec![*id] };
+                let ids = Tensor::new(ids.as_slice(), &self.device)?;
+                table.forward(&ids)?.reshape((ids.dim(0)?, 1, dim))?
+            }
+            (CondEmbedding::Caption { fc1, fc2, uncond }, Condition::Caption { len, values }) => {
+                let t = self.cfg.cls_token_num;
+                let cap = uncond.dim(1)?;
+                anyhow::ensure!(
+                    *len == t && values.len() == t * cap,
+                    "caption embedding must be {t} x {cap}, got {len} rows of {} values",
+                    values.len() / (*len).max(1)
+                );
+                let c =
+                    Tensor::from_slice(values, (1, t, cap), &self.device)?.to_dtype(self.dtype)?;
+                let c = if cfg {
+                    Tensor::cat(&[c, uncond.unsqueeze(0)?], 0)?
+                } else {
+                    c
+                };
+                let h = fc1.forward(&c)?.gelu()?;
+                fc2.forward(&h)?
+            }
+            (CondEmbedding::Class(_), _) => {
+                anyhow::bail!("this model is class-conditional: give a class, not a caption")
+            }
+            (CondEmbedding::Caption { .. }, _) => {
+                anyhow::bail!("this model is text-conditional: give a caption, not a class")
+            }
+        };
+        Ok(x)
+    }
+
+    /// Starts a run: fresh zeroed cache, condition fed at slots `0..T`.
+    pub fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits> {
+        let x = self.cond_embeddings(cond, opts.cfg)?;
+        let batch = x.dim(0)?;
+        let t = self.cfg.cls_token_num;
+        let slots_total = t + self.grid.0 * self.grid.1;
+        let kv = (0..self.cfg.n_layer)
+            .map(|_| {
+                LayerKv::new(
+                    batch,
+                    self.cfg.n_head,
+                    slots_total,
+                    self.cfg.head_dim(),
+                    self.dtype,
+                    &self.device,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.state = Some(RunState {
+            kv,
+            batch,
+            opts,
+            written: vec![false; slots_total],
+        });
+        let slots: Vec<usize> = (0..t).collect();
+        self.forward_embeds(&x, &slots, &[t - 1])
+    }
+
+    /// One pass over several inputs at once.
+    pub fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
+        let Some(state) = &self.state else {
+            anyhow::bail!("step called before prefill");
+        };
+        anyhow::ensure!(!inputs.is_empty(), "a pass needs at least one input");
+        let t = self.cfg.cls_token_num;
+        let cells = self.grid.0 * self.grid.1;
+        let mut ids = Vec::with_capacity(inputs.len());
+        let mut slots = Vec::with_capacity(inputs.len());
+        let mut want = Vec::new();
+        for (i, inp) in inputs.iter().enumerate() {
+            anyhow::ensure!(
+                (inp.token as usize) < self.cfg.vocab_size,
+                "token {} is outside the vocabulary of {}",
+                inp.token,
+                self.cfg.vocab_size
+            );
+            anyhow::ensure!(inp.pos < cells, "position {} is outside the grid", inp.pos);
+            ids.push(inp.token);
+            slots.push(t + inp.pos);
+            if inp.wants_logits {
+                want.push(i);
+            }
+        }
+        let k = ids.len();
+        let ids = Tensor::from_vec(ids, (1, k), &self.device)?;
+        let x = self
+            .tok_embeddings
+            .forward(&ids)?
+            .broadcast_as((state.batch, k, self.cfg.dim))?
+            .contiguous()?;
+        self.forward_embeds(&x, &slots, &want)
+    }
+
+    fn forward_embeds(
+        &mut self,
+        x: &Tensor,
+        slots: &[usize],
+        want: &[usize],
+    ) -> anyhow::Result<PassLogits> {
+        let Some(state) = self.state.as_mut() else {
+            anyhow::bail!("no run in progress");
+        };
+        let dev = &self.device;
+        for &s in slots {
+            state.written[s] = true;
+        }
+        let len = slots.iter().copied().max().unwrap_or(0) + 1;
+        // Raster-causal over slots; optionally hide slots never written in this run.
+        let mut mask = vec![0f32; slots.len() * len];
+        for (i, &s) in slots.iter().enumerate() {
+            for j in 0..len {
+                let hidden = j > s || (state.opts.mask_unwritten && !state.written[j]);
+                if hidden {
+                    mask[i * len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let slot_ids: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+        let slot_t = Tensor::new(slot_ids.as_slice(), dev)?;
+        let (cos, sin) = self.rope.select(&slot_t)?;
+        let ctx = PassCtx {
+            cos,
+            sin,
+            index: slot_index(
+                slots,
+                state.batch,
+                self.cfg.n_head,
+                self.cfg.head_dim(),
+                dev,
+            )?,
+            mask: Tensor::from_vec(mask, (slots.len(), len), dev)?,
+            len,
+        };
+        let mut h = x.to_dtype(self.dtype)?;
+        for (layer, kv) in self.layers.iter().zip(state.kv.iter_mut()) {
+            h = layer.forward(&h, &ctx, kv)?;
+        }
+        if want.is_empty() {
+            return Ok(PassLogits {
+                cond: vec![],
+                uncond: state.opts.cfg.then(Vec::new),
+            });
+        }
+        let want_ids: Vec<u32> = want.iter().map(|&i| i as u32).collect();
+        let h = h.index_select(&Tensor::new(want_ids.as_slice(), dev)?, 1)?;
+        let logits = self
+            .output
+            .forward(&self.norm.forward(&h)?)?
+            .to_dtype(DType::F32)?
+            .to_vec3::<f32>()?;
+        let mut it = logits.into_iter();
+        let cond = it.next().unwrap_or_default();
+        let uncond = it.next();
+        Ok(PassLogits { cond, uncond })
+    }
+}

@@ -1,0 +1,257 @@
+//! The decoder half of LlamaGen's VQ tokenizer (tokenizer/tokenizer_image/vq_model.py):
+//! codes -> l2-normalised codebook vectors -> post_quant_conv -> convolutional decoder.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+
+use super::config::VqConfig;
+
+const GN_EPS: f64 = 1e-6;
+
+fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        ..Default::default()
+    };
+    candle_nn::conv2d(cin, cout, k, cfg, vb)
+}
+
+fn norm(groups: usize, ch: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    candle_nn::group_norm(groups, ch, GN_EPS, vb)
+}
+
+#[derive(Debug)]
+struct ResBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    nin_shortcut: Option<Conv2d>,
+}
+
+impl ResBlock {
+    fn load(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: norm(groups, cin, vb.pp("norm1"))?,
+            conv1: conv(cin, cout, 3, vb.pp("conv1"))?,
+            norm2: norm(groups, cout, vb.pp("norm2"))?,
+            conv2: conv(cout, cout, 3, vb.pp("conv2"))?,
+            nin_shortcut: if cin != cout {
+                Some(conv(cin, cout, 1, vb.pp("nin_shortcut"))?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Module for ResBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        match &self.nin_shortcut {
+            Some(s) => s.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AttnBlock {
+    norm: GroupNorm,
+    q: Conv2d,
+    k: Conv2d,
+    v: Conv2d,
+    proj_out: Conv2d,
+}
+
+impl AttnBlock {
+    fn load(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: norm(groups, ch, vb.pp("norm"))?,
+            q: conv(ch, ch, 1, vb.pp("q"))?,
+            k: conv(ch, ch, 1, vb.pp("k"))?,
+            v: conv(ch, ch, 1, vb.pp("v"))?,
+            proj_out: conv(ch, ch, 1, vb.pp("proj_out"))?,
+        })
+    }
+}
+
+impl Module for AttnBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = self.norm.forward(x)?;
+        let q = self
+            .q
+            .forward(&n)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?;
+        let k = self.k.forward(&n)?.reshape((b, c, h * w))?;
+        let v = self.v.forward(&n)?.reshape((b, c, h * w))?;
+        let att = (q.contiguous()?.matmul(&k)? * (1.0 / (c as f64).sqrt()))?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let out = v.matmul(&att.t()?)?.reshape((b, c, h, w))?;
+        x + self.proj_out.forward(&out)?
+    }
+}
+
+#[derive(Debug)]
+enum Layer {
+    Res(ResBlock),
+    Attn(AttnBlock),
+    Upsample(Conv2d),
+}
+
+impl Module for Layer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Layer::Res(r) => r.forward(x),
+            Layer::Attn(a) => a.forward(x),
+            Layer::Upsample(c) => {
+                let (_, _, h, w) = x.dims4()?;
+                c.forward(&x.upsample_nearest2d(h * 2, w * 2)?)
+            }
+        }
+    }
+}
+
+/// Codes to pixels.
+#[derive(Debug)]
+pub struct VqDecoder {
+    cfg: VqConfig,
+    codebook: Tensor,
+    post_quant_conv: Conv2d,
+    conv_in: Conv2d,
+    layers: Vec<Layer>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VqDecoder {
+    /// Builds the decoder from weights with LlamaGen's key names.
+    pub fn load(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.norm_groups;
+        let codebook = vb.get(
+            (cfg.codebook_size, cfg.codebook_embed_dim),
+            "quantize.embedding.weight",
+        )?;
+        // F.normalize(p=2, dim=-1, eps=1e-12)
+        let norms = codebook
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12, f64::INFINITY)?;
+        let codebook = codebook.broadcast_div(&norms)?;
+        let post_quant_conv = conv(
+            cfg.codebook_embed_dim,
+            cfg.z_channels,
+            1,
+            vb.pp("post_quant_conv"),
+        )?;
+        let dec = vb.pp("decoder");
+        let levels = cfg.ch_mult.len();
+        let mut block_in = cfg.ch * cfg.ch_mult[levels - 1];
+        let conv_in = conv(cfg.z_channels, block_in, 3, dec.pp("conv_in"))?;
+        let mut layers = vec![
+            Layer::Res(ResBlock::load(block_in, block_in, g, dec.pp("mid.0"))?),
+            Layer::Attn(AttnBlock::load(block_in, g, dec.pp("mid.1"))?),
+            Layer::Res(ResBlock::load(block_in, block_in, g, dec.pp("mid.2"))?),
+        ];
+        for level in 0..levels {
+            let vb = dec.pp(format!("conv_blocks.{level}"));
+            let block_out = cfg.ch * cfg.ch_mult[levels - level - 1];
+            for j in 0..=cfg.num_res_blocks {
+                layers.push(Layer::Res(ResBlock::load(
+                    block_in,
+                    block_out,
+                    g,
+                    vb.pp(format!("res.{j}")),
+                )?));
+                block_in = block_out;
+                if level == 0 {
+                    layers.push(Layer::Attn(AttnBlock::load(
+                        block_in,
+                        g,
+                        vb.pp(format!("attn.{j}")),
+                    )?));
+                }
+            }
+            if level + 1 != levels {
+                layers.push(Layer::Upsample(conv(
+                    block_in,
+                    block_in,
+                    3,
+                    vb.pp("upsample.conv"),
+                )?));
+            }
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            codebook,
+            post_quant_conv,
+            conv_in,
+            layers,
+            norm_out: norm(g, block_in, dec.pp("norm_out"))?,
+            conv_out: conv(block_in, 3, 3, dec.pp("conv_out"))?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VqConfig {
+        &self.cfg
+    }
+
+    /// Decodes `[h * w]` codes (raster order) to `[1, 3, H, W]` values in about [-1, 1].
+    pub fn decode(&self, codes: &[u32], h: usize, w: usize) -> Result<Tensor> {
+        if codes.len() != h * w {
+            candle_core::bail!(
+                "expected {} codes for a {h}x{w} grid, got {}",
+                h * w,
+                codes.len()
+            );
+        }
+        if let Some(&bad) = codes
+            .iter()
+            .find(|&&c| c as usize >= self.cfg.codebook_size)
+        {
+            candle_core::bail!(
+                "code {bad} is outside the codebook of {}",
+                self.cfg.codebook_size
+            );
+        }
+        let ids = Tensor::new(codes, self.codebook.device())?;
+        let z = self
+            .codebook
+            .index_select(&ids, 0)?
+            .reshape((1, h, w, self.cfg.codebook_embed_dim))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let mut x = self.conv_in.forward(&self.post_quant_conv.forward(&z)?)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+    }
+
+    /// Decodes codes to 8-bit RGB, mapping [-1, 1] to [0, 255] as LlamaGen's samplers do.
+    pub fn decode_rgb(&self, codes: &[u32], h: usize, w: usize) -> Result<crate::model::RgbImage> {
+        let x = self.decode(codes, h, w)?;
+        let (_, _, ph, pw) = x.dims4()?;
+        let x = ((x.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?;
+        let x = (x + 0.5)?.clamp(0f32, 255f32)?;
+        let pixels = x
+            .squeeze(0)?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| v as u8)
+            .collect();
+        Ok(crate::model::RgbImage {
+            width: pw,
+            height: ph,
+            pixels,
+        })
+    }
+}

@@ -1,0 +1,82 @@
+//! The models: the [`ImageArModel`] trait that the decoder drives, and its implementations.
+
+pub mod kv;
+pub mod llamagen;
+
+use crate::decode::schedule::Layout;
+
+/// What an image is conditioned on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    /// A class id of a class-conditional model.
+    Class(u32),
+    /// Caption embeddings `[len, caption_dim]` (row-major) of a text-conditional model,
+    /// already left-aligned and zero-padded as the model expects.
+    Caption {
+        /// Rows of the embedding.
+        len: usize,
+        /// Row-major values.
+        values: Vec<f32>,
+    },
+}
+
+/// One input of a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelInput {
+    /// Token id fed.
+    pub token: u32,
+    /// Position in the image region (slot minus the condition length).
+    pub pos: usize,
+    /// Whether this input's logits are needed.
+    pub wants_logits: bool,
+}
+
+/// Logits of one pass: one row per input that wanted them, in input order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PassLogits {
+    /// Conditional logits.
+    pub cond: Vec<Vec<f32>>,
+    /// Unconditional logits, present when the run uses classifier-free guidance.
+    pub uncond: Option<Vec<Vec<f32>>>,
+}
+
+/// An RGB image, 8 bits per channel, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width * height * 3` bytes.
+    pub pixels: Vec<u8>,
+}
+
+/// Options of one generation run that the model must know.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RunOptions {
+    /// Batch the unconditional half for classifier-free guidance.
+    pub cfg: bool,
+    /// Mask never-written slots (the official code leaves them visible as zero K/V).
+    pub mask_unwritten: bool,
+}
+
+/// An autoregressive image model with a slot-indexed KV cache.
+pub trait ImageArModel: Send {
+    /// Token grid (rows, columns).
+    fn grid(&self) -> (usize, usize);
+    /// How image tokens are laid out.
+    fn layout(&self) -> Layout;
+    /// Size of the image-token vocabulary.
+    fn vocab_size(&self) -> usize;
+    /// Starts a new image: resets the cache, feeds the condition and returns the logits that
+    /// predict the first token.
+    fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits>;
+    /// One forward pass over several inputs at once; attention is causal over slots.
+    fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits>;
+    /// The end-of-row token, for models whose layout has one.
+    fn separator_token(&self) -> Option<u32> {
+        None
+    }
+    /// Decodes a full grid of tokens (raster order) to pixels.
+    fn decode_image(&self, tokens: &[u32]) -> anyhow::Result<RgbImage>;
+}

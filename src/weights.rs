@@ -1,0 +1,225 @@
+//! Reading weights: original LlamaGen `.pt` pickles (through candle's pickle reader) and
+//! `.safetensors` with the same key names, plus the model-directory manifest.
+//!
+//! A model is a directory holding `config.json` (the manifest) and the weight files it names.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::model::llamagen::{GptConfig, VqConfig};
+
+/// Problems with a model directory or weight file, each naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// The directory does not exist or has no manifest.
+    #[error("{0} is not a model folder: it has no config.json")]
+    NoManifest(PathBuf),
+    /// The manifest cannot be read or parsed.
+    #[error("invalid model config {path}: {msg}")]
+    BadManifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A weight file is missing.
+    #[error("weight file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// A weight file cannot be parsed.
+    #[error("cannot read weight file {path}: {msg}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The reader's message.
+        msg: String,
+    },
+    /// A weight file parsed but holds no tensors.
+    #[error(
+        "weight file {0} holds no tensors (expected a LlamaGen state dict, under the key 'model' or at the top level)"
+    )]
+    Empty(PathBuf),
+    /// Tensors are missing or have the wrong shape for the config.
+    #[error("weight file {path} does not match the model config: {msg}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// Which tensor and how.
+        msg: String,
+    },
+}
+
+/// Which architecture a model directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// LlamaGen, class-conditional.
+    LlamagenC2i,
+    /// LlamaGen, text-conditional (caption embeddings as input).
+    LlamagenT2i,
+}
+
+/// The manifest `config.json` of a model directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Architecture.
+    pub kind: ModelKind,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// GPT weights, relative to the directory (`.pt`, `.pth` or `.safetensors`).
+    pub gpt_weights: String,
+    /// VQ tokenizer weights, relative to the directory.
+    pub vq_weights: String,
+    /// Token grid rows.
+    pub grid_h: usize,
+    /// Token grid columns.
+    pub grid_w: usize,
+    /// GPT sizes, at the top level of the manifest.
+    #[serde(flatten)]
+    pub gpt: GptConfig,
+    /// VQ sizes.
+    pub vq: VqConfig,
+    /// Class names for prompt matching (`classes.json`), when the model has them.
+    #[serde(default)]
+    pub classes: Option<String>,
+}
+
+impl Manifest {
+    /// Reads `dir/config.json` and checks it.
+    pub fn read(dir: &Path) -> Result<Self, WeightsError> {
+        let path = dir.join("config.json");
+        if !path.is_file() {
+            return Err(WeightsError::NoManifest(dir.to_path_buf()));
+        }
+        let bad = |msg: String| WeightsError::BadManifest {
+            path: path.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        m.gpt.validate().map_err(&bad)?;
+        m.vq.validate().map_err(&bad)?;
+        if m.grid_h == 0 || m.grid_w == 0 {
+            return Err(bad("grid_h and grid_w must be positive".into()));
+        }
+        if m.gpt.vocab_size != m.vq.codebook_size {
+            return Err(bad(format!(
+                "vocab_size {} differs from the VQ codebook size {}",
+                m.gpt.vocab_size, m.vq.codebook_size
+            )));
+        }
+        match (m.kind, m.gpt.caption_dim) {
+            (ModelKind::LlamagenT2i, None) => {
+                return Err(bad("a llamagen-t2i model needs caption_dim".into()));
+            }
+            (ModelKind::LlamagenC2i, Some(_)) => {
+                return Err(bad("a llamagen-c2i model has no caption_dim".into()));
+            }
+            _ => {}
+        }
+        Ok(m)
+    }
+}
+
+/// Reads every tensor of a weight file into memory (on the CPU, as stored).
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError> {
+    if !path.is_file() {
+        return Err(WeightsError::MissingFile(path.to_path_buf()));
+    }
+    let corrupt = |e: candle_core::Error| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        msg: first_line(&e.to_string()),
+    };
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let tensors = if ext == "safetensors" {
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(corrupt)?
+    } else {
+        // DDP checkpoints keep the state dict under "model"; FSDP ones at the top.
+        let pth = match candle_core::pickle::PthTensors::new(path, Some("model")) {
+            Ok(p) if !p.tensor_infos().is_empty() => p,
+            _ => candle_core::pickle::PthTensors::new(path, None).map_err(corrupt)?,
+        };
+        let mut out = HashMap::new();
+        let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+        names.sort();
+        for name in names {
+            if let Some(t) = pth.get(name).map_err(corrupt)? {
+                out.insert(name.clone(), t);
+            }
+        }
+        out
+    };
+    if tensors.is_empty() {
+        return Err(WeightsError::Empty(path.to_path_buf()));
+    }
+    Ok(tensors)
+}
+
+/// A `VarBuilder` over a weight file; building a module from it fails with
+/// [`WeightsError::Mismatch`] through [`mismatch`] when a key or shape is wrong.
+pub fn var_builder(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    let tensors = read_tensors(path)?;
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+/// Wraps a module-building error as a mismatch of `path`.
+pub fn mismatch(path: &Path, e: candle_core::Error) -> WeightsError {
+    WeightsError::Mismatch {
+        path: path.to_path_buf(),
+        msg: first_line(&e.to_string()),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+/// The device named on the command line or in the app: `cpu`, `cuda`, `cuda:N`, `metal`.
+pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    let unavailable = |what: &str, e: candle_core::Error| {
+        anyhow::anyhow!(
+            "device {what} is not available: {} (this build supports: {})",
+            first_line(&e.to_string()),
+            compiled_devices().join(", ")
+        )
+    };
+    match name.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "metal" => Device::new_metal(0).map_err(|e| unavailable("metal", e)),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let idx = s
+                .strip_prefix("cuda:")
+                .map(|i| i.parse::<usize>())
+                .transpose()
+                .map_err(|_| anyhow::anyhow!("bad CUDA device index in {s:?}"))?
+                .unwrap_or(0);
+            Device::new_cuda(idx).map_err(|e| unavailable(s, e))
+        }
+        other => anyhow::bail!("unknown device {other:?}: use cpu, cuda, cuda:N or metal"),
+    }
+}
+
+/// Backends compiled into this build.
+pub fn compiled_devices() -> Vec<&'static str> {
+    let mut v = vec!["cpu"];
+    if cfg!(feature = "cuda") {
+        v.push("cuda");
+    }
+    if cfg!(feature = "metal") {
+        v.push("metal");
+    }
+    v
+}
