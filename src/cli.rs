@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::bench::{self, Setting};
 use crate::decode::{Flow, GenerateParams, Mode, Sampling, generate};
 use crate::export;
 use crate::model::llamagen::LlamaGen;
 use crate::model::{Condition, ImageArModel};
+use crate::prompt::ClassIndex;
 use crate::weights;
 
 /// Command line.
@@ -29,6 +31,40 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image and its decoding trace.
     Generate(GenerateArgs),
+    /// Time NTP against ZipAR windows in one process.
+    Bench(BenchArgs),
+}
+
+/// `bench` flags.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model folder; the built-in model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Class ids to generate (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub class: Vec<u32>,
+    /// Prompts to generate (matched to classes; repeat the flag for several).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// ZipAR windows to time (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    pub windows: Vec<usize>,
+    /// Seeds (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 2.0)]
+    pub cfg: f32,
+    /// Greedy decoding instead of sampling.
+    #[arg(long)]
+    pub greedy: bool,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// Decoding mode on the command line.
@@ -118,17 +154,45 @@ impl GenerateArgs {
     }
 }
 
-/// Runs `generate`.
-pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
-    export::check_writable(&args.out)?;
-    if let Some(t) = &args.trace {
-        export::check_writable(t)?;
+/// The condition asked for on the command line; a prompt is matched to a class name and the
+/// choice is printed (with a warning when the match is weak).
+pub fn condition_for(
+    model: &LlamaGen,
+    class: Option<u32>,
+    prompt: Option<&str>,
+) -> anyhow::Result<Condition> {
+    match (class, prompt) {
+        (Some(c), _) => Ok(Condition::Class(c)),
+        (None, Some(p)) => {
+            let Some(file) = &model.manifest.classes else {
+                anyhow::bail!(
+                    "this model has no class names to match the prompt {p:?} against: use --class"
+                );
+            };
+            let index = ClassIndex::load(&model.dir.join(file))?;
+            let Some(m) = index.best(p) else {
+                anyhow::bail!("no class matches the prompt {p:?}: try other words or --class");
+            };
+            eprintln!(
+                "prompt {p:?} -> class {} \"{}\" ({:?} match, score {:.2})",
+                m.id, m.name, m.kind, m.score
+            );
+            if m.is_weak() {
+                eprintln!("warning: weak match; pick a class with --class if this is not it");
+            }
+            Ok(Condition::Class(m.id))
+        }
+        (None, None) => anyhow::bail!("give --class N or --prompt TEXT"),
     }
-    let params = args.params();
-    params.sampling.validate()?;
-    crate::decode::sampling::validate_cfg(params.cfg_scale)?;
-    let dir = match &args.model {
-        Some(d) => d.clone(),
+}
+
+/// Loads `dir`, or the built-in model when `None`.
+pub fn load_model(
+    dir: Option<&std::path::Path>,
+    device: &candle_core::Device,
+) -> anyhow::Result<LlamaGen> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
         None => {
             let d = crate::default_model_dir();
             anyhow::ensure!(
@@ -139,15 +203,78 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
             d
         }
     };
+    Ok(LlamaGen::load(&dir, device)?)
+}
+
+/// Runs `bench`.
+pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(j) = &args.json {
+        export::check_writable(j)?;
+    }
     let device = weights::parse_device(&args.device)?;
-    let mut model = LlamaGen::load(&dir, &device)?;
-    let cond = match (args.class, &args.prompt) {
-        (Some(c), _) => Condition::Class(c),
-        (None, Some(p)) => anyhow::bail!(
-            "this model has no class names to match the prompt {p:?} against: use --class"
-        ),
-        (None, None) => anyhow::bail!("give --class N or --prompt TEXT"),
+    let mut model = load_model(args.model.as_deref(), &device)?;
+    let mut conds: Vec<Condition> = args.class.iter().map(|&c| Condition::Class(c)).collect();
+    for p in &args.prompt {
+        conds.push(condition_for(&model, None, Some(p))?);
+    }
+    if conds.is_empty() {
+        conds.push(Condition::Class(0));
+    }
+    let (_, w) = model.grid();
+    let mut settings = vec![Setting {
+        mode: Mode::Ntp,
+        window: w,
+    }];
+    for &s in &args.windows {
+        let range = crate::decode::schedule::window_range(model.layout(), w);
+        anyhow::ensure!(
+            range.contains(&s),
+            "window {s} is out of range: it must be between {} and {} for a grid {w} wide",
+            range.start(),
+            range.end()
+        );
+        settings.push(Setting {
+            mode: Mode::Zipar,
+            window: s,
+        });
+    }
+    let base = GenerateParams {
+        cfg_scale: args.cfg,
+        sampling: if args.greedy {
+            Sampling::Greedy
+        } else {
+            Sampling::default()
+        },
+        ..GenerateParams::default()
     };
+    let results = bench::run_bench(&mut model, &conds, base, &settings, &args.seeds)?;
+    println!(
+        "{} images per setting ({} conditions x {} seeds), device {}",
+        conds.len() * args.seeds.len(),
+        conds.len(),
+        args.seeds.len(),
+        args.device
+    );
+    print!("{}", bench::table(&results));
+    if let Some(j) = &args.json {
+        std::fs::write(j, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("cannot write {}", j.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs `generate`.
+pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    export::check_writable(&args.out)?;
+    if let Some(t) = &args.trace {
+        export::check_writable(t)?;
+    }
+    let params = args.params();
+    params.sampling.validate()?;
+    crate::decode::sampling::validate_cfg(params.cfg_scale)?;
+    let device = weights::parse_device(&args.device)?;
+    let mut model = load_model(args.model.as_deref(), &device)?;
+    let cond = condition_for(&model, args.class, args.prompt.as_deref())?;
     let schedule = crate::decode::engine::schedule_for(&model, params.mode, params.window)?;
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
@@ -188,6 +315,7 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
 pub fn run(cli: &Cli) -> anyhow::Result<bool> {
     match &cli.command {
         Some(Command::Generate(a)) => run_generate(a).context("generate failed").map(|_| true),
+        Some(Command::Bench(a)) => run_bench(a).context("bench failed").map(|_| true),
         None => Ok(false),
     }
 }

@@ -4,10 +4,12 @@
 //! command line. Layers: [`decode`] (the algorithm), [`model`] (the networks), [`weights`]
 //! (files), [`cli`] (headless commands), [`export`] (files out).
 
+pub mod bench;
 pub mod cli;
 pub mod decode;
 pub mod export;
 pub mod model;
+pub mod prompt;
 pub mod weights;
 
 use std::path::PathBuf;

@@ -32,7 +32,7 @@ fn expect_error(model: &Path, extra: &[&str], want: &str) {
         "--out",
         png.to_str().expect("utf8"),
     ];
-    if !extra.iter().any(|a| *a == "--class") {
+    if !extra.contains(&"--class") {
         args.extend(["--class", "1"]);
     }
     args.extend(extra);

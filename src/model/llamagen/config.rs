@@ -94,13 +94,13 @@ impl GptConfig {
         if self.dim == 0 || self.n_head == 0 || self.n_layer == 0 || self.vocab_size == 0 {
             return Err("dim, n_head, n_layer and vocab_size must be positive".into());
         }
-        if self.dim % self.n_head != 0 {
+        if !self.dim.is_multiple_of(self.n_head) {
             return Err(format!(
                 "dim {} is not divisible by n_head {}",
                 self.dim, self.n_head
             ));
         }
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return Err(format!(
                 "head dim {} must be a multiple of 4 for the 2D RoPE",
                 self.head_dim()
@@ -185,7 +185,7 @@ impl VqConfig {
         }
         let g = self.norm_groups.max(1);
         for m in &self.ch_mult {
-            if (self.ch * m) % g != 0 {
+            if !(self.ch * m).is_multiple_of(g) {
                 return Err(format!(
                     "VQ channels {} are not divisible by {} GroupNorm groups",
                     self.ch * m,

@@ -1,0 +1,69 @@
+"""Writes the default model into assets/models/emoji/: GPT and VQ-decoder weights as f16
+safetensors with LlamaGen's key names, config.json (the app's manifest) and classes.json.
+
+    python training/export.py
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from train_gpt import gpt_args
+from train_vq import VQ_ARGS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "..", "assets", "models", "emoji")
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    classes = json.load(open(os.path.join(HERE, "data", "classes.json")))
+    gpt = torch.load(os.path.join(HERE, "runs", "gpt", "last.pt"), map_location="cpu")
+    vq = torch.load(os.path.join(HERE, "runs", "vq", "last.pt"), map_location="cpu")
+    gsd = {k: v.half().contiguous() for k, v in gpt["model"].items() if k != "rope"}
+    keep = ("quantize.", "post_quant_conv", "decoder.")
+    vsd = {k: v.half().contiguous() for k, v in vq["model"].items() if k.startswith(keep)}
+    save_file(gsd, os.path.join(OUT, "gpt.safetensors"))
+    save_file(vsd, os.path.join(OUT, "vq.safetensors"))
+    ga = gpt_args(len(classes))
+    cfg = {
+        "kind": "llamagen-c2i",
+        "name": "Emoji (built-in)",
+        "gpt_weights": "gpt.safetensors",
+        "vq_weights": "vq.safetensors",
+        "classes": "classes.json",
+        "grid_h": ga.grid_h,
+        "grid_w": ga.grid_w,
+        "dim": ga.dim,
+        "n_layer": ga.n_layer,
+        "n_head": ga.n_head,
+        "vocab_size": ga.vocab_size,
+        "num_classes": ga.num_classes,
+        "cls_token_num": ga.cls_token_num,
+        "multiple_of": ga.multiple_of,
+        "vq": {
+            "codebook_size": VQ_ARGS.codebook_size,
+            "codebook_embed_dim": VQ_ARGS.codebook_embed_dim,
+            "z_channels": VQ_ARGS.z_channels,
+            "ch": VQ_ARGS.ch,
+            "ch_mult": VQ_ARGS.ch_mult,
+            "num_res_blocks": VQ_ARGS.num_res_blocks,
+            "norm_groups": VQ_ARGS.norm_groups,
+        },
+        "training": {"gpt_steps": gpt["step"], "vq_steps": vq["step"]},
+    }
+    with open(os.path.join(OUT, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    slim = [{k: c[k] for k in ("id", "name", "short_names", "keywords")} for c in classes]
+    with open(os.path.join(OUT, "classes.json"), "w") as f:
+        json.dump(slim, f, separators=(",", ":"))
+    shutil.copy(os.path.join(HERE, "runs", "vq", "log.csv"), os.path.join(OUT, "vq_log.csv"))
+    shutil.copy(os.path.join(HERE, "runs", "gpt", "log.csv"), os.path.join(OUT, "gpt_log.csv"))
+    print("wrote", os.path.abspath(OUT))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Trains the scaled-down, class-conditional LlamaGen GPT on the VQ codes of the emoji.
+
+    python training/train_gpt.py --minutes 60          # resumable: run again to continue
+
+One class per emoji plus the null class (label dropout 0.1 for classifier-free guidance).
+Needs the VQ checkpoint of train_vq.py. Checkpoints: training/runs/gpt/last.pt; log: log.csv.
+"""
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llamagen import Gpt, GptArgs, VqModel
+from train_vq import VQ_ARGS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def gpt_args(num_classes: int) -> GptArgs:
+    return GptArgs(dim=256, n_layer=4, n_head=4, vocab_size=VQ_ARGS.codebook_size,
+                   num_classes=num_classes, grid_h=16, grid_w=16)
+
+
+@torch.no_grad()
+def encode_all(vq_ckpt: str, device) -> torch.Tensor:
+    arr = np.load(os.path.join(HERE, "data", "images.npy"))
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    vq = VqModel(VQ_ARGS).to(device).eval()
+    vq.load_state_dict(torch.load(vq_ckpt, map_location=device)["model"])
+    codes = [vq.encode(x[i : i + 64].to(device))[1] for i in range(0, len(x), 64)]
+    return torch.cat(codes).flatten(1).cpu()  # [N, 256] raster order
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vq", default=os.path.join(HERE, "runs", "vq", "last.pt"))
+    ap.add_argument("--out", default=os.path.join(HERE, "runs", "gpt"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    codes_path = os.path.join(args.out, "codes.pt")
+    if os.path.exists(codes_path):
+        codes = torch.load(codes_path)
+    else:
+        codes = encode_all(args.vq, device)
+        torch.save(codes, codes_path)
+    n = len(codes)
+    labels = torch.arange(n)
+    codes, labels = codes.to(device), labels.to(device)
+    torch.manual_seed(0)
+    ga = gpt_args(n)
+    model = Gpt(ga).to(device)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    step = 0
+    ckpt = os.path.join(args.out, "last.pt")
+    if os.path.exists(ckpt):
+        state = torch.load(ckpt, map_location=device)
+        model.load_state_dict(state["model"])
+        if "opt" in state:
+            opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"resumed at step {step}")
+    log = open(os.path.join(args.out, "log.csv"), "a")
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(step)
+    warmup = 100
+    avg = None
+    while step < args.steps and (time.time() - t0) < args.minutes * 60:
+        idx = torch.randint(0, n, (args.batch,), generator=gen).to(device)
+        x, y = codes[idx], labels[idx]
+        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits = model(y, x[:, :-1], drop_prob=0.1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % 20 == 0:
+            msg = f"{step},{time.time() - t0:.0f},{loss.item():.4f},{avg:.4f},{lr:.2e}"
+            print(msg, flush=True)
+            log.write(msg + "\n")
+            log.flush()
+        if step % 200 == 0:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    msg = f"# stopped at step {step}: smoothed train loss {avg:.4f}"
+    print(msg)
+    log.write(msg + "\n")
+
+
+if __name__ == "__main__":
+    main()
