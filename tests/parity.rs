@@ -240,3 +240,38 @@ fn ntp_and_full_window_zipar_give_identical_tokens_when_sampling() {
     // Same seed, same result.
     assert_eq!(z.tokens, run(Mode::Zipar, 3).tokens);
 }
+
+#[test]
+fn stop_from_the_sink_cancels_between_passes_and_the_model_stays_usable() {
+    let mut model = load("tiny");
+    let params = GenerateParams {
+        mode: Mode::Zipar,
+        window: 3,
+        cfg_scale: 1.0,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        mask_unwritten: false,
+    };
+    let mut seen = 0;
+    let err = generate(&mut model, &Condition::Class(1), &params, &mut |r| {
+        seen = r.index + 1;
+        if r.index == 4 {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    })
+    .expect_err("cancelled");
+    assert_eq!(seen, 5);
+    assert!(
+        err.to_string().contains("cancelled after 5 of 21 passes"),
+        "{err}"
+    );
+    // The next run on the same model is complete and correct.
+    let trace = generate(&mut model, &Condition::Class(1), &params, &mut |_| {
+        Flow::Continue
+    })
+    .expect("runs after a cancel");
+    assert!(trace.is_complete());
+    assert_eq!(trace.passes, 21);
+}
