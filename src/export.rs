@@ -45,3 +45,101 @@ pub fn write_trace_json(trace: &DecodeTrace, path: &Path) -> anyhow::Result<()> 
     let text = serde_json::to_string(trace)?;
     std::fs::write(path, text).with_context(|| format!("cannot write trace {}", path.display()))
 }
+
+/// The pass map as an RGB image: one `cell` x `cell` square per token, coloured by pass.
+pub fn pass_map_image(trace: &DecodeTrace, cell: usize) -> RgbImage {
+    let (h, w) = (trace.grid_h, trace.grid_w);
+    let cell = cell.max(1);
+    let (width, height) = (w * cell, h * cell);
+    let max_pass = trace.passes.saturating_sub(1).max(1) as f32;
+    let mut pixels = vec![0u8; width * height * 3];
+    for y in 0..height {
+        for x in 0..width {
+            let p = trace.pass_of[(y / cell) * w + x / cell];
+            let c = crate::colormap::viridis(p as f32 / max_pass);
+            let o = (y * width + x) * 3;
+            pixels[o..o + 3].copy_from_slice(&c);
+        }
+    }
+    RgbImage {
+        width,
+        height,
+        pixels,
+    }
+}
+
+/// One CSV row per token: row, col, token, pass, window, rejections, prob.
+pub fn trace_csv(trace: &DecodeTrace) -> String {
+    let mut out = String::from("row,col,token,pass,window,rejections,prob\n");
+    for i in 0..trace.tokens.len() {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{:.6}\n",
+            i / trace.grid_w,
+            i % trace.grid_w,
+            trace.tokens[i],
+            trace.pass_of[i],
+            trace.window_of[i],
+            trace.rejections_of[i],
+            trace.prob_of[i]
+        ));
+    }
+    out
+}
+
+/// Writes the CSV.
+pub fn write_trace_csv(trace: &DecodeTrace, path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, trace_csv(trace))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Files written by [`export_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    /// Image PNG.
+    pub image: std::path::PathBuf,
+    /// Pass-map PNG.
+    pub pass_map: std::path::PathBuf,
+    /// Trace JSON.
+    pub json: std::path::PathBuf,
+    /// Trace CSV.
+    pub csv: std::path::PathBuf,
+}
+
+/// Writes image, pass map, trace JSON and CSV into `dir` as `<stem>.png`,
+/// `<stem>_passes.png`, `<stem>.json`, `<stem>.csv`, creating `dir` when needed.
+pub fn export_all(
+    dir: &Path,
+    stem: &str,
+    image: &RgbImage,
+    trace: &DecodeTrace,
+) -> anyhow::Result<Exported> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let out = Exported {
+        image: dir.join(format!("{stem}.png")),
+        pass_map: dir.join(format!("{stem}_passes.png")),
+        json: dir.join(format!("{stem}.json")),
+        csv: dir.join(format!("{stem}.csv")),
+    };
+    write_png(image, &out.image)?;
+    write_png(&pass_map_image(trace, 16), &out.pass_map)?;
+    write_trace_json(trace, &out.json)?;
+    write_trace_csv(trace, &out.csv)?;
+    Ok(out)
+}
+
+/// A file-name-safe stem from free text.
+pub fn file_stem(text: &str) -> String {
+    let s: String = text
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_matches('_');
+    let s: String = s.chars().take(40).collect();
+    if s.is_empty() { "zipar".into() } else { s }
+}

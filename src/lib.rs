@@ -4,13 +4,16 @@
 //! command line. Layers: [`decode`] (the algorithm), [`model`] (the networks), [`weights`]
 //! (files), [`cli`] (headless commands), [`export`] (files out).
 
+pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod colormap;
 pub mod decode;
 pub mod export;
 pub mod model;
 pub mod prompt;
 pub mod weights;
+pub mod worker;
 
 use std::path::PathBuf;
 

@@ -1,18 +1,21 @@
-//! `zipar-studio`: the command line; with no subcommand, usage until the app exists.
+//! `zipar-studio`: with no subcommand opens the app; otherwise the headless commands.
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use zipar_studio::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let args = Cli::parse();
     match cli::run(&args) {
         Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            let _ = Cli::command().print_help();
-            ExitCode::SUCCESS
-        }
+        Ok(false) => match zipar_studio::app::run_app() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -155,6 +155,15 @@ def write_model_dir(name, gpt_args: GptArgs, vq_args: VqArgs, gpt: Gpt, vq, kind
     }
     if gpt_args.caption_dim is not None:
         cfg["caption_dim"] = gpt_args.caption_dim
+    else:
+        names = ["red apple", "green apple", "cat", "dog", "sun", "moon", "star", "tree", "house", "car"]
+        classes = [
+            {"id": i, "name": n, "short_names": [n.replace(" ", "_")], "keywords": []}
+            for i, n in enumerate(names[: gpt_args.num_classes])
+        ]
+        with open(os.path.join(d, "classes.json"), "w") as f:
+            json.dump(classes, f)
+        cfg["classes"] = "classes.json"
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     return d

@@ -78,5 +78,15 @@ pub trait ImageArModel: Send {
         None
     }
     /// Decodes a full grid of tokens (raster order) to pixels.
-    fn decode_image(&self, tokens: &[u32]) -> anyhow::Result<RgbImage>;
+    fn decode_image(&self, tokens: &[u32]) -> anyhow::Result<RgbImage> {
+        self.image_decoder().decode(tokens)
+    }
+    /// A handle on the image decoder that another thread can use (live previews).
+    fn image_decoder(&self) -> std::sync::Arc<dyn ImageDecoder>;
+}
+
+/// Tokens to pixels; shareable between threads.
+pub trait ImageDecoder: Send + Sync {
+    /// Decodes a full grid of tokens (raster order).
+    fn decode(&self, tokens: &[u32]) -> anyhow::Result<RgbImage>;
 }

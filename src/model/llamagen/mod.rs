@@ -11,11 +11,14 @@ pub use gpt::Gpt;
 pub use vq::VqDecoder;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
 use crate::decode::schedule::Layout;
-use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RgbImage, RunOptions};
+use crate::model::{
+    Condition, ImageArModel, ImageDecoder, ModelInput, PassLogits, RgbImage, RunOptions,
+};
 use crate::weights::{self, Manifest, WeightsError};
 
 /// A LlamaGen GPT with its VQ decoder, loaded from a model directory.
@@ -26,7 +29,7 @@ pub struct LlamaGen {
     /// Directory it was loaded from.
     pub dir: PathBuf,
     gpt: Gpt,
-    vq: VqDecoder,
+    vq: Arc<VqDecoder>,
 }
 
 impl LlamaGen {
@@ -50,7 +53,7 @@ impl LlamaGen {
             manifest,
             dir: dir.to_path_buf(),
             gpt,
-            vq,
+            vq: Arc::new(vq),
         })
     }
 
@@ -86,8 +89,22 @@ impl ImageArModel for LlamaGen {
         self.gpt.step(inputs)
     }
 
-    fn decode_image(&self, tokens: &[u32]) -> anyhow::Result<RgbImage> {
-        let (h, w) = self.gpt.grid();
-        Ok(self.vq.decode_rgb(tokens, h, w)?)
+    fn image_decoder(&self) -> Arc<dyn ImageDecoder> {
+        Arc::new(GridDecoder {
+            vq: self.vq.clone(),
+            grid: self.gpt.grid(),
+        })
+    }
+}
+
+/// The VQ decoder bound to a grid size.
+struct GridDecoder {
+    vq: Arc<VqDecoder>,
+    grid: (usize, usize),
+}
+
+impl ImageDecoder for GridDecoder {
+    fn decode(&self, tokens: &[u32]) -> anyhow::Result<RgbImage> {
+        Ok(self.vq.decode_rgb(tokens, self.grid.0, self.grid.1)?)
     }
 }

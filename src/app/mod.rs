@@ -1,0 +1,806 @@
+//! The desktop app (egui only: no tensors here). One worker thread owns the models; this
+//! module turns its events into [`RunView`]s and draws them.
+
+pub mod grid_view;
+pub mod run_view;
+pub mod settings;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use egui::{Color32, Key, KeyboardShortcut, Modifiers, RichText, TextureHandle, TextureOptions};
+
+use crate::decode::Mode;
+use crate::export;
+use crate::model::{Condition, RgbImage};
+use crate::prompt::ClassMatch;
+use crate::weights;
+use crate::worker::{Command, Event, JobId, ModelInfo, ModelSource, WorkerHandle};
+use run_view::{RunStatus, RunView};
+use settings::{Settings, ViewMode};
+
+/// Ctrl+Enter: generate.
+const GENERATE_KEY: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
+/// Ctrl+S: save the image.
+const SAVE_KEY: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::S);
+
+/// Model loading state.
+#[derive(Debug, Clone)]
+pub enum ModelState {
+    /// Loading (job id).
+    Loading(JobId),
+    /// Ready.
+    Ready(ModelInfo),
+    /// No model: the reason.
+    Missing(String),
+}
+
+/// A run and its textures.
+struct Lane {
+    run: RunView,
+    texture: Option<TextureHandle>,
+    texture_version: u64,
+    replay: Option<usize>,
+}
+
+/// The application.
+pub struct StudioApp {
+    /// Persisted settings.
+    pub settings: Settings,
+    worker: WorkerHandle,
+    wake_ctx: Arc<OnceLock<egui::Context>>,
+    next_job: JobId,
+    /// The model.
+    pub model: ModelState,
+    lanes: Vec<Lane>,
+    /// Prompt match shown under the prompt box.
+    pub matched: Option<ClassMatch>,
+    class_filter: String,
+    /// Last message for the status line (errors in red).
+    pub status: Option<(String, bool)>,
+    /// Model load error shown next to the model picker.
+    pub model_error: Option<String>,
+    last_matched_prompt: String,
+}
+
+impl StudioApp {
+    /// The app with these settings; starts the worker and loads the model.
+    pub fn new(settings: Settings) -> Self {
+        let wake_ctx: Arc<OnceLock<egui::Context>> = Arc::new(OnceLock::new());
+        let w = wake_ctx.clone();
+        let worker = WorkerHandle::spawn(move || {
+            if let Some(ctx) = w.get() {
+                ctx.request_repaint();
+            }
+        });
+        let mut app = Self {
+            settings,
+            worker,
+            wake_ctx,
+            next_job: 1,
+            model: ModelState::Missing(String::new()),
+            lanes: Vec::new(),
+            matched: None,
+            class_filter: String::new(),
+            status: None,
+            model_error: None,
+            last_matched_prompt: String::new(),
+        };
+        let source = match &app.settings.model_dir {
+            Some(d) => ModelSource::Dir(d.clone()),
+            None => ModelSource::Builtin,
+        };
+        app.load_model(source);
+        app
+    }
+
+    /// From eframe's creation context: restores the settings.
+    pub fn from_creation(cc: &eframe::CreationContext<'_>) -> Self {
+        let settings: Settings = cc
+            .storage
+            .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
+            .unwrap_or_default();
+        let app = Self::new(settings);
+        let _ = app.wake_ctx.set(cc.egui_ctx.clone());
+        app
+    }
+
+    fn job(&mut self) -> JobId {
+        let j = self.next_job;
+        self.next_job += 1;
+        j
+    }
+
+    /// Asks the worker to load a model.
+    pub fn load_model(&mut self, source: ModelSource) {
+        let job = self.job();
+        self.model_error = None;
+        self.model = ModelState::Loading(job);
+        self.worker.send(Command::LoadModel {
+            job,
+            source,
+            device: self.settings.device.clone(),
+        });
+    }
+
+    /// The runs on screen (one, or two when comparing).
+    pub fn runs(&self) -> impl Iterator<Item = &RunView> {
+        self.lanes.iter().map(|l| &l.run)
+    }
+
+    /// Whether a generation is queued or running.
+    pub fn is_busy(&self) -> bool {
+        self.lanes.iter().any(|l| l.run.is_active())
+    }
+
+    /// Resolves the condition from the prompt / class picker.
+    pub fn condition(&self) -> Result<(Condition, String), String> {
+        let ModelState::Ready(info) = &self.model else {
+            return Err("no model is loaded".into());
+        };
+        if let Some(id) = self.settings.class_override {
+            let name = info
+                .classes
+                .as_ref()
+                .and_then(|c| c.get(id).map(|x| x.name.clone()))
+                .unwrap_or_else(|| format!("class {id}"));
+            return Ok((Condition::Class(id), name));
+        }
+        match (&info.classes, &self.matched) {
+            (Some(_), Some(m)) => Ok((Condition::Class(m.id), m.name.clone())),
+            (Some(_), None) => Err(format!(
+                "no class matches {:?}: try other words or pick a class",
+                self.settings.prompt
+            )),
+            (None, _) => Err("this model has no class names: pick a class id".into()),
+        }
+    }
+
+    /// Starts a run (or, with `compare`, an NTP run and a run in the chosen mode).
+    pub fn generate(&mut self, compare: bool) {
+        let (cond, name) = match self.condition() {
+            Ok(c) => c,
+            Err(e) => {
+                self.status = Some((e, true));
+                return;
+            }
+        };
+        self.stop();
+        self.lanes.clear();
+        let mut modes = vec![self.settings.mode];
+        if compare {
+            modes = vec![Mode::Ntp, self.settings.mode];
+            if self.settings.mode == Mode::Ntp {
+                modes[1] = Mode::Zipar;
+            }
+        }
+        for mode in modes {
+            let job = self.job();
+            let params = self.settings.params(mode);
+            let label = match mode {
+                Mode::Ntp => "NTP".to_string(),
+                _ => format!("ZipAR s={}", params.window),
+            };
+            self.lanes.push(Lane {
+                run: RunView::new(job, label, params),
+                texture: None,
+                texture_version: 0,
+                replay: None,
+            });
+            self.worker.send(Command::Generate {
+                job,
+                cond: cond.clone(),
+                params,
+            });
+        }
+        self.status = Some((format!("generating \"{name}\""), false));
+    }
+
+    /// Stops every running job (between passes).
+    pub fn stop(&mut self) {
+        self.worker.cancel_below(self.next_job);
+    }
+
+    /// Applies pending worker events.
+    pub fn poll(&mut self) {
+        while let Ok(ev) = self.worker.events.try_recv() {
+            self.apply(ev);
+        }
+    }
+
+    fn apply(&mut self, ev: Event) {
+        let job = ev.job();
+        match ev {
+            Event::ModelLoaded { info, .. } => {
+                if matches!(self.model, ModelState::Loading(j) if j == job) {
+                    if !info.windows.contains(&self.settings.window) {
+                        self.settings.window =
+                            (*info.windows.end()).min(4).max(*info.windows.start());
+                    }
+                    self.status = Some((
+                        format!("loaded {} in {:.0} ms", info.name, info.load_ms),
+                        false,
+                    ));
+                    self.model = ModelState::Ready(info);
+                    self.last_matched_prompt.clear();
+                }
+            }
+            Event::ModelFailed { error, .. } => {
+                if matches!(self.model, ModelState::Loading(j) if j == job) {
+                    self.model_error = Some(error.clone());
+                    self.status = Some((error.clone(), true));
+                    self.model = ModelState::Missing(error);
+                }
+            }
+            other => {
+                let Some(lane) = self.lanes.iter_mut().find(|l| l.run.job == job) else {
+                    return; // a stopped or superseded job
+                };
+                let run = &mut lane.run;
+                match other {
+                    Event::Started {
+                        total_passes, grid, ..
+                    } => run.on_started(total_passes, grid),
+                    Event::Pass { report, .. } => run.on_pass(&report),
+                    Event::Preview { image, .. } => run.on_preview(image),
+                    Event::Finished { trace, image, .. } => {
+                        run.on_finished(*trace, image);
+                        let msg = format!(
+                            "{}: {} passes (NTP {}), {:.0} ms",
+                            run.label,
+                            run.passes_done(),
+                            run.grid.0 * run.grid.1,
+                            run.decode_ms()
+                        );
+                        self.status = Some((msg, false));
+                    }
+                    Event::Cancelled { .. } => {
+                        run.status = RunStatus::Cancelled;
+                        self.status = Some(("stopped".into(), false));
+                    }
+                    Event::Failed { error, .. } => {
+                        run.status = RunStatus::Failed(error.clone());
+                        self.status = Some((error, true));
+                    }
+                    Event::ModelLoaded { .. } | Event::ModelFailed { .. } => {}
+                }
+            }
+        }
+    }
+
+    fn update_match(&mut self) {
+        if self.settings.prompt == self.last_matched_prompt {
+            return;
+        }
+        if !self.last_matched_prompt.is_empty() {
+            self.settings.class_override = None;
+        }
+        self.last_matched_prompt = self.settings.prompt.clone();
+        self.matched = match &self.model {
+            ModelState::Ready(ModelInfo {
+                classes: Some(c), ..
+            }) => c.best(&self.settings.prompt),
+            _ => None,
+        };
+    }
+
+    /// Writes image, pass map, trace JSON and CSV of the last finished run to the export
+    /// folder.
+    pub fn export_all(&mut self) -> Option<export::Exported> {
+        let Some(run) = self
+            .lanes
+            .iter()
+            .rev()
+            .map(|l| &l.run)
+            .find(|r| r.trace.is_some())
+        else {
+            self.status = Some((
+                "nothing to export yet: generate an image first".into(),
+                true,
+            ));
+            return None;
+        };
+        let (Some(trace), Some(image)) = (&run.trace, &run.image) else {
+            return None;
+        };
+        let stem = export::file_stem(&format!("{} {}", self.settings.prompt, run.label));
+        let dir = self.settings.export_folder();
+        match export::export_all(&dir, &stem, image, trace) {
+            Ok(done) => {
+                self.status = Some((format!("exported to {}", dir.display()), false));
+                Some(done)
+            }
+            Err(e) => {
+                self.status = Some((format!("{e:#}"), true));
+                None
+            }
+        }
+    }
+
+    fn save_image_dialog(&mut self) {
+        let Some((image, name)) = self
+            .lanes
+            .iter()
+            .rev()
+            .find_map(|l| l.run.image.clone().map(|i| (i, l.run.label.clone())))
+        else {
+            self.status = Some(("no image to save yet".into(), true));
+            return;
+        };
+        let stem = export::file_stem(&format!("{} {}", self.settings.prompt, name));
+        let folder = self.settings.export_folder();
+        let _ = std::fs::create_dir_all(&folder);
+        if let Some(path) = rfd::FileDialog::new()
+            .set_directory(&folder)
+            .set_file_name(format!("{stem}.png"))
+            .add_filter("PNG image", &["png"])
+            .save_file()
+        {
+            self.report_write(export::write_png(&image, &path), &path);
+        }
+    }
+
+    fn save_diagnostics_dialog(&mut self, what: &str) {
+        let Some(trace) = self.lanes.iter().rev().find_map(|l| l.run.trace.clone()) else {
+            self.status = Some(("no finished run yet".into(), true));
+            return;
+        };
+        let folder = self.settings.export_folder();
+        let _ = std::fs::create_dir_all(&folder);
+        let stem = export::file_stem(&self.settings.prompt);
+        let (ext, filter) = match what {
+            "json" => ("json", "Trace JSON"),
+            "csv" => ("csv", "CSV, one row per token"),
+            _ => ("png", "Pass map PNG"),
+        };
+        let name = if what == "passes" {
+            format!("{stem}_passes.png")
+        } else {
+            format!("{stem}.{ext}")
+        };
+        if let Some(path) = rfd::FileDialog::new()
+            .set_directory(&folder)
+            .set_file_name(name)
+            .add_filter(filter, &[ext])
+            .save_file()
+        {
+            let r = match what {
+                "json" => export::write_trace_json(&trace, &path),
+                "csv" => export::write_trace_csv(&trace, &path),
+                _ => export::write_png(&export::pass_map_image(&trace, 16), &path),
+            };
+            self.report_write(r, &path);
+        }
+    }
+
+    fn report_write(&mut self, r: anyhow::Result<()>, path: &std::path::Path) {
+        self.status = Some(match r {
+            Ok(()) => (format!("saved {}", path.display()), false),
+            Err(e) => (format!("{e:#}"), true),
+        });
+    }
+
+    /// The whole UI for one frame.
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        let _ = self.wake_ctx.set(ui.ctx().clone());
+        self.poll();
+        self.update_match();
+        if ui.input_mut(|i| i.consume_shortcut(&GENERATE_KEY)) {
+            self.generate(false);
+        }
+        if ui.input_mut(|i| i.consume_shortcut(&SAVE_KEY)) {
+            self.save_image_dialog();
+        }
+        self.upload_textures(ui.ctx());
+        egui::Panel::top("prompt_bar").show(ui, |ui| self.prompt_bar_ui(ui));
+        egui::Panel::bottom("status_bar").show(ui, |ui| self.status_ui(ui));
+        egui::Panel::left("settings")
+            .resizable(true)
+            .default_size(260.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.settings_ui(ui));
+            });
+        egui::CentralPanel::default().show(ui, |ui| self.runs_ui(ui));
+        if self.is_busy() {
+            ui.ctx()
+                .request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn upload_textures(&mut self, ctx: &egui::Context) {
+        for lane in &mut self.lanes {
+            if lane.texture_version == lane.run.image_version {
+                continue;
+            }
+            lane.texture_version = lane.run.image_version;
+            let img: Option<&RgbImage> = lane.run.image.as_ref().or(lane.run.preview.as_ref());
+            lane.texture = img.map(|img| {
+                let ci = egui::ColorImage::from_rgb([img.width, img.height], &img.pixels);
+                ctx.load_texture(format!("run-{}", lane.run.job), ci, TextureOptions::NEAREST)
+            });
+        }
+    }
+
+    fn prompt_bar_ui(&mut self, ui: &mut egui::Ui) {
+        ui.add_space(4.0);
+        ui.horizontal(|ui| {
+            let label = ui.label("Prompt");
+            let edit = egui::TextEdit::singleline(&mut self.settings.prompt)
+                .hint_text("e.g. red apple")
+                .desired_width(280.0);
+            let resp = ui.add(edit).labelled_by(label.id);
+            if resp.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter)) {
+                self.update_match();
+                self.generate(false);
+            }
+            let ready = matches!(self.model, ModelState::Ready(_));
+            if ui
+                .add_enabled(ready, egui::Button::new("Generate"))
+                .on_hover_text("Generate (Enter in the prompt, or Ctrl+Enter)")
+                .clicked()
+            {
+                self.generate(false);
+            }
+            if ui
+                .add_enabled(self.is_busy(), egui::Button::new("Stop"))
+                .clicked()
+            {
+                self.stop();
+            }
+            if ui
+                .add_enabled(ready, egui::Button::new("Compare"))
+                .on_hover_text("Run NTP and the chosen mode with the same prompt and seed")
+                .clicked()
+            {
+                self.generate(true);
+            }
+            self.progress_ui(ui);
+        });
+        ui.horizontal(|ui| match (&self.settings.class_override, &self.matched) {
+            (Some(id), _) => {
+                ui.label(format!("class {id} (picked)"));
+            }
+            (None, Some(m)) => {
+                let text = format!("-> {} (class {}, {:?} match)", m.name, m.id, m.kind);
+                if m.is_weak() {
+                    ui.colored_label(Color32::from_rgb(220, 160, 40), text)
+                        .on_hover_text("weak match: check the class picker");
+                } else {
+                    ui.label(text);
+                }
+            }
+            (None, None) => {
+                ui.weak("no class matched yet");
+            }
+        });
+        ui.add_space(2.0);
+    }
+
+    fn progress_ui(&self, ui: &mut egui::Ui) {
+        let Some(run) = self
+            .lanes
+            .iter()
+            .find(|l| l.run.is_active())
+            .map(|l| &l.run)
+        else {
+            return;
+        };
+        if run.total_passes == 0 {
+            ui.spinner();
+            return;
+        }
+        let frac = run.passes_done() as f32 / run.total_passes as f32;
+        ui.add(
+            egui::ProgressBar::new(frac)
+                .desired_width(220.0)
+                .text(format!(
+                    "{}: {} / {} passes · {:.1} s",
+                    run.label,
+                    run.passes_done(),
+                    run.total_passes,
+                    run.elapsed.as_secs_f32()
+                )),
+        );
+    }
+
+    fn status_ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            if let Some((msg, is_err)) = &self.status {
+                if *is_err {
+                    ui.colored_label(ui.visuals().error_fg_color, msg);
+                } else {
+                    ui.label(msg);
+                }
+            }
+        });
+    }
+
+    fn settings_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Model");
+        let name = match &self.model {
+            ModelState::Ready(i) => format!("{} ({}x{} tokens)", i.name, i.grid.0, i.grid.1),
+            ModelState::Loading(_) => "loading…".into(),
+            ModelState::Missing(_) => "none".into(),
+        };
+        ui.label(name);
+        ui.horizontal(|ui| {
+            if ui.button("Built-in").clicked() {
+                self.settings.model_dir = None;
+                self.load_model(ModelSource::Builtin);
+            }
+            if ui.button("Open model folder…").clicked()
+                && let Some(dir) = rfd::FileDialog::new().pick_folder()
+            {
+                self.settings.model_dir = Some(dir.clone());
+                self.load_model(ModelSource::Dir(dir));
+            }
+        });
+        if let Some(e) = &self.model_error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        ui.horizontal(|ui| {
+            let l = ui.label("Device");
+            let before = self.settings.device.clone();
+            egui::ComboBox::from_id_salt("device")
+                .selected_text(self.settings.device.clone())
+                .show_ui(ui, |ui| {
+                    for d in weights::compiled_devices() {
+                        ui.selectable_value(&mut self.settings.device, d.to_string(), d);
+                    }
+                })
+                .response
+                .labelled_by(l.id);
+            if self.settings.device != before {
+                let source = match &self.settings.model_dir {
+                    Some(d) => ModelSource::Dir(d.clone()),
+                    None => ModelSource::Builtin,
+                };
+                self.load_model(source);
+            }
+        });
+        ui.separator();
+        ui.heading("Decoding");
+        ui.horizontal(|ui| {
+            ui.label("Mode");
+            ui.selectable_value(&mut self.settings.mode, Mode::Ntp, "NTP");
+            ui.selectable_value(&mut self.settings.mode, Mode::Zipar, "ZipAR");
+        });
+        let range = match &self.model {
+            ModelState::Ready(i) => i.windows.clone(),
+            _ => 2..=16,
+        };
+        ui.add_enabled(
+            self.settings.mode != Mode::Ntp,
+            egui::Slider::new(&mut self.settings.window, range.clone())
+                .text("window")
+                .clamping(egui::SliderClamping::Always),
+        )
+        .on_hover_text(format!(
+            "tokens of the row above before a row starts ({}..={}; the full width is NTP)",
+            range.start(),
+            range.end()
+        ));
+        ui.add(egui::Slider::new(&mut self.settings.cfg, 0.0..=10.0).text("CFG scale"));
+        ui.checkbox(&mut self.settings.greedy, "Greedy (most likely token)");
+        ui.add_enabled_ui(!self.settings.greedy, |ui| {
+            ui.add(
+                egui::Slider::new(&mut self.settings.temperature, 0.05..=3.0).text("temperature"),
+            );
+            ui.add(egui::Slider::new(&mut self.settings.top_k, 0..=1024).text("top-k (0 = off)"));
+            ui.add(egui::Slider::new(&mut self.settings.top_p, 0.05..=1.0).text("top-p"));
+        });
+        ui.horizontal(|ui| {
+            let l = ui.label("Seed");
+            ui.add(egui::DragValue::new(&mut self.settings.seed))
+                .labelled_by(l.id);
+            if ui.button("Random").on_hover_text("random seed").clicked() {
+                self.settings.seed = rand::random::<u32>() as u64;
+            }
+        });
+        ui.separator();
+        self.class_picker_ui(ui);
+        ui.separator();
+        ui.heading("Export");
+        let folder = self.settings.export_folder();
+        ui.label(format!("folder: {}", folder.display()));
+        ui.horizontal_wrapped(|ui| {
+            if ui.button("Change folder…").clicked()
+                && let Some(dir) = rfd::FileDialog::new().set_directory(&folder).pick_folder()
+            {
+                self.settings.export_dir = Some(dir);
+            }
+            if ui.button("Export all").clicked() {
+                self.export_all();
+            }
+            if ui.button("Save image…").on_hover_text("Ctrl+S").clicked() {
+                self.save_image_dialog();
+            }
+            if ui.button("Save pass map…").clicked() {
+                self.save_diagnostics_dialog("passes");
+            }
+            if ui.button("Save trace JSON…").clicked() {
+                self.save_diagnostics_dialog("json");
+            }
+            if ui.button("Save CSV…").clicked() {
+                self.save_diagnostics_dialog("csv");
+            }
+        });
+    }
+
+    fn class_picker_ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Class");
+        let ModelState::Ready(info) = &self.model else {
+            return;
+        };
+        match info.classes.clone() {
+            Some(classes) => {
+                ui.horizontal(|ui| {
+                    let l = ui.label("Search");
+                    ui.text_edit_singleline(&mut self.class_filter)
+                        .labelled_by(l.id);
+                });
+                let list: Vec<(u32, String)> = if self.class_filter.trim().is_empty() {
+                    classes
+                        .classes()
+                        .iter()
+                        .take(200)
+                        .map(|c| (c.id, c.name.clone()))
+                        .collect()
+                } else {
+                    classes
+                        .ranked(&self.class_filter, 50)
+                        .into_iter()
+                        .map(|m| (m.id, m.name))
+                        .collect()
+                };
+                egui::ScrollArea::vertical()
+                    .max_height(180.0)
+                    .id_salt("classes")
+                    .show(ui, |ui| {
+                        for (id, name) in list {
+                            let selected = self.settings.class_override == Some(id)
+                                || (self.settings.class_override.is_none()
+                                    && self.matched.as_ref().map(|m| m.id) == Some(id));
+                            if ui
+                                .selectable_label(selected, format!("{id}: {name}"))
+                                .clicked()
+                            {
+                                self.settings.class_override = Some(id);
+                            }
+                        }
+                    });
+            }
+            None => {
+                let max = info.num_classes.saturating_sub(1) as u32;
+                let mut id = self.settings.class_override.unwrap_or(0);
+                ui.horizontal(|ui| {
+                    let l = ui.label("class id");
+                    ui.add(egui::DragValue::new(&mut id).range(0..=max))
+                        .labelled_by(l.id);
+                });
+                self.settings.class_override = Some(id);
+            }
+        }
+    }
+
+    fn runs_ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            ui.label("View");
+            for m in ViewMode::ALL {
+                ui.selectable_value(&mut self.settings.view, m, m.label());
+            }
+        });
+        if self.lanes.is_empty() {
+            ui.add_space(20.0);
+            ui.label(
+                RichText::new("Type a prompt and press Enter to generate.")
+                    .size(16.0)
+                    .weak(),
+            );
+            return;
+        }
+        let view = self.settings.view;
+        let n = self.lanes.len() as f32;
+        let avail = ui.available_width();
+        let side = ((avail - 16.0 * n) / n).clamp(120.0, 520.0);
+        ui.horizontal_top(|ui| {
+            for lane in &mut self.lanes {
+                ui.vertical(|ui| {
+                    ui.set_width(side);
+                    let run = &lane.run;
+                    ui.strong(format!("{} — {}", run.label, status_text(&run.status)));
+                    let done = run.status == RunStatus::Done;
+                    let upto = if done {
+                        lane.replay.unwrap_or(run.total_passes)
+                    } else {
+                        usize::MAX
+                    };
+                    grid_view::grid_ui(ui, run, view, lane.texture.as_ref(), upto, side);
+                    grid_view::legend_ui(ui, view, run);
+                    if done && run.total_passes > 1 {
+                        let mut p = lane.replay.unwrap_or(run.total_passes);
+                        let r = ui.add(
+                            egui::Slider::new(&mut p, 1..=run.total_passes).text("replay passes"),
+                        );
+                        if r.changed() {
+                            lane.replay = Some(p);
+                        }
+                    }
+                    stats_ui(ui, run);
+                    grid_view::pass_plot_ui(ui, run, side);
+                });
+            }
+        });
+    }
+}
+
+fn status_text(s: &RunStatus) -> String {
+    match s {
+        RunStatus::Queued => "queued".into(),
+        RunStatus::Running => "running".into(),
+        RunStatus::Done => "done".into(),
+        RunStatus::Cancelled => "stopped".into(),
+        RunStatus::Failed(e) => format!("failed: {e}"),
+    }
+}
+
+fn stats_ui(ui: &mut egui::Ui, run: &RunView) {
+    let ntp = run.grid.0 * run.grid.1;
+    let passes = if run.status == RunStatus::Done {
+        run.passes_done()
+    } else {
+        run.total_passes
+    };
+    egui::Grid::new(("stats", run.job))
+        .num_columns(2)
+        .show(ui, |ui| {
+            ui.label("passes");
+            let reduction = if ntp > 0 {
+                100.0 * (1.0 - passes as f64 / ntp as f64)
+            } else {
+                0.0
+            };
+            ui.label(format!("{passes} vs {ntp} NTP ({reduction:.0}% fewer)"));
+            ui.end_row();
+            ui.label("wall time");
+            ui.label(format!("{:.2} s", run.elapsed.as_secs_f64()));
+            ui.end_row();
+            ui.label("tokens / s");
+            ui.label(format!("{:.0}", run.tokens_per_s()));
+            ui.end_row();
+        });
+}
+
+impl eframe::App for StudioApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        StudioApp::ui(self, ui);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, eframe::APP_KEY, &self.settings);
+    }
+}
+
+/// Opens the app window.
+pub fn run_app() -> anyhow::Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("ZipAR Studio")
+            .with_app_id("io.github.zipar_studio.ZiparStudio")
+            .with_inner_size([1180.0, 760.0])
+            .with_min_inner_size([720.0, 480.0]),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "ZipAR Studio",
+        options,
+        Box::new(|cc| Ok(Box::new(StudioApp::from_creation(cc)))),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}
+
+/// Where the app keeps files other than its settings.
+pub fn data_dir() -> Option<PathBuf> {
+    directories::ProjectDirs::from("io.github", "zipar_studio", "ZiparStudio")
+        .map(|d| d.data_dir().to_path_buf())
+}

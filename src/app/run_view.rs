@@ -1,0 +1,190 @@
+//! What the UI knows about one run, built from worker events (no tensors here).
+
+use std::time::{Duration, Instant};
+
+use crate::decode::{DecodeTrace, GenerateParams, PassReport};
+use crate::model::RgbImage;
+use crate::worker::JobId;
+
+/// Where a run is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunStatus {
+    /// Queued, not started.
+    Queued,
+    /// Passes are arriving.
+    Running,
+    /// Finished.
+    Done,
+    /// Stopped by the user.
+    Cancelled,
+    /// Failed with this message.
+    Failed(String),
+}
+
+/// The live and final state of one generation.
+#[derive(Debug, Clone)]
+pub struct RunView {
+    /// Job id.
+    pub job: JobId,
+    /// Short label ("ZipAR s=4").
+    pub label: String,
+    /// What was asked for.
+    pub params: GenerateParams,
+    /// Grid (rows, columns).
+    pub grid: (usize, usize),
+    /// Passes planned.
+    pub total_passes: usize,
+    /// Token per cell (raster order).
+    pub tokens: Vec<Option<u32>>,
+    /// Pass per cell.
+    pub pass_of: Vec<Option<usize>>,
+    /// Window per cell.
+    pub window_of: Vec<Option<usize>>,
+    /// Rejected drafts per cell.
+    pub rejections: Vec<u32>,
+    /// Probability of each sampled token.
+    pub probs: Vec<f32>,
+    /// Time of each pass (ms).
+    pub pass_ms: Vec<f64>,
+    /// Tokens produced by each pass.
+    pub tokens_per_pass: Vec<usize>,
+    /// When the run started.
+    pub started: Option<Instant>,
+    /// Wall time so far (or in all).
+    pub elapsed: Duration,
+    /// Status.
+    pub status: RunStatus,
+    /// Final trace.
+    pub trace: Option<DecodeTrace>,
+    /// Final image.
+    pub image: Option<RgbImage>,
+    /// Latest partial image.
+    pub preview: Option<RgbImage>,
+    /// Bumped whenever `image` or `preview` changes, so textures are re-uploaded.
+    pub image_version: u64,
+}
+
+impl RunView {
+    /// A queued run.
+    pub fn new(job: JobId, label: String, params: GenerateParams) -> Self {
+        Self {
+            job,
+            label,
+            params,
+            grid: (0, 0),
+            total_passes: 0,
+            tokens: Vec::new(),
+            pass_of: Vec::new(),
+            window_of: Vec::new(),
+            rejections: Vec::new(),
+            probs: Vec::new(),
+            pass_ms: Vec::new(),
+            tokens_per_pass: Vec::new(),
+            started: None,
+            elapsed: Duration::ZERO,
+            status: RunStatus::Queued,
+            trace: None,
+            image: None,
+            preview: None,
+            image_version: 0,
+        }
+    }
+
+    /// Passes done so far.
+    pub fn passes_done(&self) -> usize {
+        self.pass_ms.len()
+    }
+
+    /// Whether passes are still to come.
+    pub fn is_active(&self) -> bool {
+        matches!(self.status, RunStatus::Queued | RunStatus::Running)
+    }
+
+    /// The generation started.
+    pub fn on_started(&mut self, total_passes: usize, grid: (usize, usize)) {
+        let n = grid.0 * grid.1;
+        self.grid = grid;
+        self.total_passes = total_passes;
+        self.tokens = vec![None; n];
+        self.pass_of = vec![None; n];
+        self.window_of = vec![None; n];
+        self.rejections = vec![0; n];
+        self.probs = vec![0.0; n];
+        self.started = Some(Instant::now());
+        self.status = RunStatus::Running;
+    }
+
+    /// One pass arrived.
+    pub fn on_pass(&mut self, r: &PassReport) {
+        let (h, w) = self.grid;
+        if h * w == 0 {
+            return;
+        }
+        for &(cell, token, prob) in &r.produced {
+            let i = cell.row * w + cell.col;
+            if i >= self.tokens.len() {
+                continue;
+            }
+            self.tokens[i] = Some(token);
+            self.pass_of[i] = Some(r.index);
+            self.probs[i] = prob;
+            // The row's lag behind the row above, known when its first token arrives.
+            let window = if cell.row == 0 {
+                w
+            } else if cell.col == 0 {
+                (0..w)
+                    .filter(
+                        |&c| matches!(self.pass_of[(cell.row - 1) * w + c], Some(p) if p < r.index),
+                    )
+                    .count()
+            } else {
+                self.window_of[cell.row * w].unwrap_or(w)
+            };
+            self.window_of[i] = Some(window);
+        }
+        self.pass_ms.push(r.elapsed.as_secs_f64() * 1e3);
+        self.tokens_per_pass.push(r.produced.len());
+        if let Some(s) = self.started {
+            self.elapsed = s.elapsed();
+        }
+    }
+
+    /// A partial image arrived.
+    pub fn on_preview(&mut self, image: RgbImage) {
+        if self.image.is_none() {
+            self.preview = Some(image);
+            self.image_version += 1;
+        }
+    }
+
+    /// The run finished: the trace is the authority from now on.
+    pub fn on_finished(&mut self, trace: DecodeTrace, image: RgbImage) {
+        self.tokens = trace.tokens.iter().map(|&t| Some(t)).collect();
+        self.pass_of = trace.pass_of.iter().map(|&p| Some(p)).collect();
+        self.window_of = trace.window_of.iter().map(|&x| Some(x)).collect();
+        self.rejections = trace.rejections_of.clone();
+        self.probs = trace.prob_of.clone();
+        self.pass_ms = trace.pass_ms.clone();
+        self.tokens_per_pass = trace.tokens_per_pass.clone();
+        if let Some(s) = self.started {
+            self.elapsed = s.elapsed();
+        }
+        self.trace = Some(trace);
+        self.image = Some(image);
+        self.preview = None;
+        self.image_version += 1;
+        self.status = RunStatus::Done;
+    }
+
+    /// Decoding time of the passes (ms).
+    pub fn decode_ms(&self) -> f64 {
+        self.pass_ms.iter().sum()
+    }
+
+    /// Tokens per second over the passes so far.
+    pub fn tokens_per_s(&self) -> f64 {
+        let n: usize = self.tokens_per_pass.iter().sum();
+        let ms = self.decode_ms();
+        if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 }
+    }
+}

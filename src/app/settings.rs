@@ -1,0 +1,132 @@
+//! Settings that persist between launches (eframe storage). Runtime state lives elsewhere.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{GenerateParams, Mode, Sampling};
+
+/// What the central view shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewMode {
+    /// The decoded image.
+    Image,
+    /// Cells coloured by the pass that produced them.
+    PassMap,
+    /// Cells coloured by the window they were decoded under.
+    WindowMap,
+    /// Rejected drafts per cell.
+    Rejections,
+    /// The pass map over the image.
+    Overlay,
+}
+
+impl ViewMode {
+    /// All modes, in menu order.
+    pub const ALL: [ViewMode; 5] = [
+        ViewMode::Image,
+        ViewMode::PassMap,
+        ViewMode::WindowMap,
+        ViewMode::Rejections,
+        ViewMode::Overlay,
+    ];
+
+    /// Menu label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ViewMode::Image => "Image",
+            ViewMode::PassMap => "Pass map",
+            ViewMode::WindowMap => "Window map",
+            ViewMode::Rejections => "Rejections",
+            ViewMode::Overlay => "Overlay",
+        }
+    }
+}
+
+/// Persisted user settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Last prompt.
+    pub prompt: String,
+    /// Class chosen in the picker (overrides the prompt match until the prompt changes).
+    pub class_override: Option<u32>,
+    /// Decoding mode.
+    pub mode: Mode,
+    /// ZipAR window.
+    pub window: usize,
+    /// CFG scale.
+    pub cfg: f32,
+    /// Temperature.
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    pub top_k: usize,
+    /// Top-p (1 = off).
+    pub top_p: f32,
+    /// Seed.
+    pub seed: u64,
+    /// Greedy decoding.
+    pub greedy: bool,
+    /// Model folder; `None` = the built-in model.
+    pub model_dir: Option<PathBuf>,
+    /// Device name.
+    pub device: String,
+    /// Central view.
+    pub view: ViewMode,
+    /// Folder for exports.
+    pub export_dir: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            prompt: "red apple".into(),
+            class_override: None,
+            mode: Mode::Zipar,
+            window: 4,
+            cfg: 2.0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            greedy: false,
+            model_dir: None,
+            device: "cpu".into(),
+            view: ViewMode::PassMap,
+            export_dir: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Decoding parameters for a run in `mode`.
+    pub fn params(&self, mode: Mode) -> GenerateParams {
+        GenerateParams {
+            mode,
+            window: self.window,
+            cfg_scale: self.cfg,
+            sampling: if self.greedy {
+                Sampling::Greedy
+            } else {
+                Sampling::Random {
+                    temperature: self.temperature,
+                    top_k: self.top_k,
+                    top_p: self.top_p,
+                }
+            },
+            seed: self.seed,
+            mask_unwritten: false,
+        }
+    }
+
+    /// Where exports go by default: the user's pictures folder, else the home folder.
+    pub fn export_folder(&self) -> PathBuf {
+        if let Some(d) = &self.export_dir {
+            return d.clone();
+        }
+        directories::UserDirs::new()
+            .and_then(|u| u.picture_dir().map(|p| p.join("ZipAR Studio")))
+            .or_else(|| directories::UserDirs::new().map(|u| u.home_dir().to_path_buf()))
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+}

@@ -1,0 +1,426 @@
+//! The long-lived worker thread: the only owner of models. The UI sends [`Command`]s and
+//! receives [`Event`]s, each tagged with a job id so that events of a stopped or superseded
+//! job can be dropped. Live previews are decoded on a second thread, throttled, so they never
+//! hold up the forward passes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::decode::engine::{EngineError, schedule_for};
+use crate::decode::{DecodeTrace, Flow, GenerateParams, PassReport, generate};
+use crate::model::llamagen::LlamaGen;
+use crate::model::{Condition, ImageArModel, ImageDecoder, RgbImage};
+use crate::prompt::ClassIndex;
+use crate::weights;
+
+/// Identifies one request.
+pub type JobId = u64;
+
+/// Which model to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The built-in emoji model.
+    Builtin,
+    /// A model folder.
+    Dir(PathBuf),
+}
+
+impl ModelSource {
+    /// The folder holding the model.
+    pub fn dir(&self) -> PathBuf {
+        match self {
+            ModelSource::Builtin => crate::default_model_dir(),
+            ModelSource::Dir(d) => d.clone(),
+        }
+    }
+}
+
+/// UI -> worker.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Load (or switch to) a model.
+    LoadModel {
+        /// Job id.
+        job: JobId,
+        /// Which model.
+        source: ModelSource,
+        /// cpu, cuda, cuda:N, metal.
+        device: String,
+    },
+    /// Generate one image.
+    Generate {
+        /// Job id.
+        job: JobId,
+        /// Condition.
+        cond: Condition,
+        /// Decoding settings.
+        params: GenerateParams,
+    },
+    /// End the thread.
+    Shutdown,
+}
+
+/// What the UI needs to know about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Display name.
+    pub name: String,
+    /// Folder.
+    pub dir: PathBuf,
+    /// Token grid (rows, columns).
+    pub grid: (usize, usize),
+    /// Valid ZipAR windows.
+    pub windows: std::ops::RangeInclusive<usize>,
+    /// Class names, for class-conditional models that ship them.
+    pub classes: Option<Arc<ClassIndex>>,
+    /// Number of classes (0 for text-conditional models).
+    pub num_classes: usize,
+    /// Device it runs on.
+    pub device: String,
+    /// Load time.
+    pub load_ms: f64,
+}
+
+/// Worker -> UI.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A model is ready.
+    ModelLoaded {
+        /// Job id.
+        job: JobId,
+        /// About the model.
+        info: ModelInfo,
+    },
+    /// A model could not be loaded; the previous one (if any) stays.
+    ModelFailed {
+        /// Job id.
+        job: JobId,
+        /// One-line reason.
+        error: String,
+    },
+    /// A generation started.
+    Started {
+        /// Job id.
+        job: JobId,
+        /// Passes planned.
+        total_passes: usize,
+        /// Grid.
+        grid: (usize, usize),
+    },
+    /// One forward pass finished.
+    Pass {
+        /// Job id.
+        job: JobId,
+        /// What it did.
+        report: PassReport,
+    },
+    /// A partial image (not-yet-generated cells filled with a neutral code).
+    Preview {
+        /// Job id.
+        job: JobId,
+        /// The image.
+        image: RgbImage,
+    },
+    /// A generation finished.
+    Finished {
+        /// Job id.
+        job: JobId,
+        /// Per-token record.
+        trace: Box<DecodeTrace>,
+        /// Final image.
+        image: RgbImage,
+    },
+    /// A generation was stopped.
+    Cancelled {
+        /// Job id.
+        job: JobId,
+    },
+    /// A generation failed.
+    Failed {
+        /// Job id.
+        job: JobId,
+        /// One-line reason.
+        error: String,
+    },
+}
+
+impl Event {
+    /// The job an event belongs to.
+    pub fn job(&self) -> JobId {
+        match self {
+            Event::ModelLoaded { job, .. }
+            | Event::ModelFailed { job, .. }
+            | Event::Started { job, .. }
+            | Event::Pass { job, .. }
+            | Event::Preview { job, .. }
+            | Event::Finished { job, .. }
+            | Event::Cancelled { job }
+            | Event::Failed { job, .. } => *job,
+        }
+    }
+}
+
+/// The UI's end of the worker.
+pub struct WorkerHandle {
+    commands: Sender<Command>,
+    /// Events from the worker.
+    pub events: Receiver<Event>,
+    cancel_below: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Starts the worker; `wake` is called after each event (egui's `request_repaint`).
+    pub fn spawn(wake: impl Fn() + Send + Sync + 'static) -> Self {
+        let (ctx, crx) = crossbeam_channel::unbounded::<Command>();
+        let (etx, erx) = crossbeam_channel::unbounded::<Event>();
+        let cancel_below = Arc::new(AtomicU64::new(0));
+        let cancel = cancel_below.clone();
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(wake);
+        let thread = std::thread::Builder::new()
+            .name("zipar-worker".into())
+            .spawn(move || Worker::new(etx, wake, cancel).run(crx))
+            .ok();
+        Self {
+            commands: ctx,
+            events: erx,
+            cancel_below,
+            thread,
+        }
+    }
+
+    /// Sends a command; false when the worker is gone.
+    pub fn send(&self, cmd: Command) -> bool {
+        self.commands.send(cmd).is_ok()
+    }
+
+    /// Stops every job with an id below `job` (between passes).
+    pub fn cancel_below(&self, job: JobId) {
+        self.cancel_below.fetch_max(job, Ordering::SeqCst);
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.cancel_below(u64::MAX);
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Partial grid handed to the preview thread.
+struct PreviewJob {
+    job: JobId,
+    tokens: Vec<u32>,
+    decoder: Arc<dyn ImageDecoder>,
+}
+
+struct Worker {
+    events: Sender<Event>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+    cancel_below: Arc<AtomicU64>,
+    model: Option<LlamaGen>,
+    previews: Sender<PreviewJob>,
+}
+
+/// Least time between two live previews.
+const PREVIEW_EVERY: Duration = Duration::from_millis(120);
+
+impl Worker {
+    fn new(
+        events: Sender<Event>,
+        wake: Arc<dyn Fn() + Send + Sync>,
+        cancel_below: Arc<AtomicU64>,
+    ) -> Self {
+        // A queue of one: a new partial grid replaces a stale one that was not decoded yet.
+        let (ptx, prx) = crossbeam_channel::bounded::<PreviewJob>(1);
+        let pev = events.clone();
+        let pwake = wake.clone();
+        let _ = std::thread::Builder::new()
+            .name("zipar-preview".into())
+            .spawn(move || {
+                for p in prx {
+                    if let Ok(image) = p.decoder.decode(&p.tokens) {
+                        let _ = pev.send(Event::Preview { job: p.job, image });
+                        pwake();
+                    }
+                }
+            });
+        Self {
+            events,
+            wake,
+            cancel_below,
+            model: None,
+            previews: ptx,
+        }
+    }
+
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+        (self.wake)();
+    }
+
+    fn run(mut self, commands: Receiver<Command>) {
+        for cmd in commands {
+            match cmd {
+                Command::Shutdown => break,
+                Command::LoadModel {
+                    job,
+                    source,
+                    device,
+                } => match self.load(&source, &device) {
+                    Ok(info) => self.emit(Event::ModelLoaded { job, info }),
+                    Err(e) => self.emit(Event::ModelFailed {
+                        job,
+                        error: format!("{e:#}"),
+                    }),
+                },
+                Command::Generate { job, cond, params } => {
+                    if job < self.cancel_below.load(Ordering::SeqCst) {
+                        self.emit(Event::Cancelled { job });
+                        continue;
+                    }
+                    let e = match self.generate(job, &cond, &params) {
+                        Ok((trace, image)) => Event::Finished {
+                            job,
+                            trace: Box::new(trace),
+                            image,
+                        },
+                        Err(GenError::Cancelled) => Event::Cancelled { job },
+                        Err(GenError::Other(error)) => Event::Failed { job, error },
+                    };
+                    self.emit(e);
+                }
+            }
+        }
+    }
+
+    fn load(&mut self, source: &ModelSource, device: &str) -> anyhow::Result<ModelInfo> {
+        let t0 = Instant::now();
+        let dev = weights::parse_device(device)?;
+        let dir = source.dir();
+        let model = LlamaGen::load(&dir, &dev)?;
+        let classes = match &model.manifest.classes {
+            Some(f) => Some(Arc::new(ClassIndex::load(&dir.join(f))?)),
+            None => None,
+        };
+        let grid = model.grid();
+        let info = ModelInfo {
+            name: model.manifest.name.clone().unwrap_or_else(|| {
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into())
+            }),
+            dir,
+            grid,
+            windows: crate::decode::schedule::window_range(model.layout(), grid.1),
+            classes,
+            num_classes: model.manifest.gpt.num_classes,
+            device: device.to_string(),
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+        };
+        self.model = Some(model);
+        Ok(info)
+    }
+
+    fn generate(
+        &mut self,
+        job: JobId,
+        cond: &Condition,
+        params: &GenerateParams,
+    ) -> Result<(DecodeTrace, RgbImage), GenError> {
+        let Some(model) = self.model.as_mut() else {
+            return Err(GenError::Other("no model is loaded".into()));
+        };
+        let schedule = schedule_for(model, params.mode, params.window)
+            .map_err(|e| GenError::Other(e.to_string()))?;
+        let (h, w) = model.grid();
+        let _ = self.events.send(Event::Started {
+            job,
+            total_passes: schedule.num_passes(),
+            grid: (h, w),
+        });
+        (self.wake)();
+        let decoder = model.image_decoder();
+        let mut grid: Vec<Option<u32>> = vec![None; h * w];
+        let mut last_preview = Instant::now();
+        let events = self.events.clone();
+        let wake = self.wake.clone();
+        let cancel = self.cancel_below.clone();
+        let previews = self.previews.clone();
+        let result = generate(model, cond, params, &mut |report: &PassReport| {
+            for &(cell, token, _) in &report.produced {
+                grid[cell.row * w + cell.col] = Some(token);
+            }
+            let _ = events.send(Event::Pass {
+                job,
+                report: report.clone(),
+            });
+            let last = report.index + 1 == report.total;
+            if !last && last_preview.elapsed() >= PREVIEW_EVERY {
+                last_preview = Instant::now();
+                let p = PreviewJob {
+                    job,
+                    tokens: fill_neutral(&grid),
+                    decoder: decoder.clone(),
+                };
+                if let Err(TrySendError::Disconnected(_)) = previews.try_send(p) {
+                    // The preview thread is gone; previews are a nicety, carry on.
+                }
+            }
+            wake();
+            if job < cancel.load(Ordering::SeqCst) {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        });
+        let trace = match result {
+            Ok(t) => t,
+            Err(EngineError::Cancelled { .. }) => return Err(GenError::Cancelled),
+            Err(e) => return Err(GenError::Other(e.to_string())),
+        };
+        let image = model
+            .decode_image(&trace.tokens)
+            .map_err(|e| GenError::Other(format!("decoding the image failed: {e:#}")))?;
+        Ok((trace, image))
+    }
+}
+
+enum GenError {
+    Cancelled,
+    Other(String),
+}
+
+/// The grid with missing cells set to the most frequent generated token (a neutral,
+/// usually background-like code), so a partial grid can be decoded.
+pub fn fill_neutral(grid: &[Option<u32>]) -> Vec<u32> {
+    let mut counts = std::collections::HashMap::new();
+    for t in grid.iter().flatten() {
+        *counts.entry(*t).or_insert(0usize) += 1;
+    }
+    let neutral = counts
+        .into_iter()
+        .max_by_key(|&(t, n)| (n, std::cmp::Reverse(t)))
+        .map(|(t, _)| t)
+        .unwrap_or(0);
+    grid.iter().map(|t| t.unwrap_or(neutral)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neutral_fill_uses_the_most_common_token() {
+        let g = [Some(3), Some(5), Some(5), None, None];
+        assert_eq!(fill_neutral(&g), vec![3, 5, 5, 5, 5]);
+        assert_eq!(fill_neutral(&[None, None]), vec![0, 0]);
+    }
+}

@@ -1,0 +1,177 @@
+//! The real app driven through AccessKit with egui_kittest (no display, no GPU): type a
+//! prompt, press Generate, let the worker finish, check the stats and the exports.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fixture;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use zipar_studio::app::StudioApp;
+use zipar_studio::app::run_view::RunStatus;
+use zipar_studio::app::settings::Settings;
+use zipar_studio::decode::Mode;
+
+fn harness(settings: Settings) -> Harness<'static, StudioApp> {
+    Harness::builder()
+        .with_size([1200.0, 800.0])
+        .build_ui_state(
+            |ui, app: &mut StudioApp| app.ui(ui),
+            StudioApp::new(settings),
+        )
+}
+
+/// Steps the UI until `done` holds (the worker runs on its own thread meanwhile).
+fn step_until(h: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
+    let start = Instant::now();
+    // Step first: pending clicks are only applied by a frame.
+    h.step();
+    while !done(h.state()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}; status: {:?}",
+            h.state().status
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        h.step();
+    }
+    h.step();
+}
+
+fn type_prompt(h: &mut Harness<'_, StudioApp>, text: &str) {
+    h.get_by_label("Prompt").click();
+    h.step();
+    h.get_by_label("Prompt").type_text(text);
+    h.step();
+    h.step();
+}
+
+fn settings(export: &std::path::Path) -> Settings {
+    Settings {
+        prompt: String::new(),
+        model_dir: Some(fixture("tiny")),
+        export_dir: Some(export.to_path_buf()),
+        mode: Mode::Zipar,
+        window: 3,
+        greedy: true,
+        ..Settings::default()
+    }
+}
+
+fn model_ready(app: &StudioApp) -> bool {
+    matches!(app.model, zipar_studio::app::ModelState::Ready(_))
+}
+
+fn finished(app: &StudioApp) -> bool {
+    let runs: Vec<_> = app.runs().collect();
+    !runs.is_empty() && runs.iter().all(|r| !r.is_active())
+}
+
+#[test]
+fn type_prompt_generate_and_export() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut h = harness(settings(out.path()));
+    step_until(&mut h, "the model", model_ready);
+
+    type_prompt(&mut h, "green apple");
+    assert_eq!(h.state().matched.as_ref().map(|m| m.id), Some(1));
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the run", finished);
+
+    let run = h.state().runs().next().expect("a run").clone();
+    assert_eq!(run.status, RunStatus::Done);
+    // 2w + (h-2)s on the 5 x 6 grid with s = 3
+    assert_eq!(run.passes_done(), 21);
+    assert!(run.tokens.iter().all(|t| t.is_some()));
+    assert!(run.image.is_some());
+    // The stats panel shows the pass count against NTP.
+    h.get_by_label("21 vs 30 NTP (30% fewer)");
+
+    h.get_by_label("Export all").click();
+    h.step();
+    let files: Vec<_> = std::fs::read_dir(out.path())
+        .expect("export folder")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 4, "{files:?}");
+    for f in &files {
+        match f.extension().and_then(|e| e.to_str()) {
+            Some("png") => {
+                image::open(f).expect("valid png");
+            }
+            Some("json") => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(f).expect("read"))
+                        .expect("valid json");
+                assert_eq!(v["passes"], 21);
+                assert_eq!(v["tokens"].as_array().expect("tokens").len(), 30);
+            }
+            Some("csv") => {
+                let text = std::fs::read_to_string(f).expect("read");
+                assert_eq!(text.lines().count(), 31);
+                assert!(text.starts_with("row,col,token,pass,window,rejections,prob"));
+            }
+            other => panic!("unexpected file {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn enter_in_the_prompt_generates_and_compare_runs_both_modes() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut h = harness(settings(out.path()));
+    step_until(&mut h, "the model", model_ready);
+    type_prompt(&mut h, "cat");
+    h.key_press(egui::Key::Enter);
+    step_until(&mut h, "the run", finished);
+    assert_eq!(h.state().runs().count(), 1);
+    assert_eq!(h.state().runs().next().map(|r| r.passes_done()), Some(21));
+
+    h.get_by_label("Compare").click();
+    step_until(&mut h, "both runs", finished);
+    let runs: Vec<_> = h.state().runs().cloned().collect();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].passes_done(), 30);
+    assert_eq!(runs[1].passes_done(), 21);
+    // Same prompt and seed: both are greedy here, so the grids differ only by schedule.
+    assert_eq!(runs[0].params.seed, runs[1].params.seed);
+}
+
+#[test]
+fn a_bad_model_folder_shows_an_error_and_the_app_stays_usable() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(out.path());
+    s.model_dir = Some(out.path().join("nope"));
+    let mut h = harness(s);
+    step_until(&mut h, "the error", |a| a.model_error.is_some());
+    let err = h.state().model_error.clone().expect("error");
+    assert!(err.contains("is not a model folder"), "{err}");
+    // Generate is refused with a message, not a panic.
+    h.state_mut().generate(false);
+    h.step();
+    assert_eq!(h.state().runs().count(), 0);
+    assert!(h.state().status.as_ref().is_some_and(|(_, is_err)| *is_err));
+    // Switching to a good model works.
+    h.state_mut().settings.model_dir = Some(fixture("tiny"));
+    h.state_mut()
+        .load_model(zipar_studio::worker::ModelSource::Dir(fixture("tiny")));
+    step_until(&mut h, "the model", model_ready);
+}
+
+#[test]
+fn stop_cancels_a_running_job() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(out.path());
+    s.prompt = "dog".into();
+    s.mode = Mode::Ntp;
+    let mut h = harness(s);
+    step_until(&mut h, "the model", model_ready);
+    h.step();
+    h.state_mut().generate(false);
+    h.state_mut().stop();
+    step_until(&mut h, "the stop", finished);
+    let run = h.state().runs().next().cloned().expect("run");
+    assert_eq!(run.status, RunStatus::Cancelled);
+    assert!(run.passes_done() < 30);
+}
