@@ -33,6 +33,16 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Time NTP against ZipAR windows in one process.
     Bench(BenchArgs),
+    /// Open the app (the default when no command is given).
+    App(AppArgs),
+}
+
+/// `app` flags.
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// Open this model folder instead of the last one used.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
 }
 
 /// `bench` flags.
@@ -74,6 +84,8 @@ pub enum ModeArg {
     Ntp,
     /// ZipAR with a fixed window.
     Zipar,
+    /// ZipAR with drafts verified by rejection sampling; `--window` is the smallest window.
+    Adaptive,
 }
 
 /// `generate` flags (DESIGN.md section 6).
@@ -136,6 +148,7 @@ impl GenerateArgs {
             mode: match self.mode {
                 ModeArg::Ntp => Mode::Ntp,
                 ModeArg::Zipar => Mode::Zipar,
+                ModeArg::Adaptive => Mode::Adaptive,
             },
             window: self.window,
             cfg_scale: self.cfg,
@@ -311,11 +324,12 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Dispatches a parsed command line; `Ok(false)` when there was no subcommand.
-pub fn run(cli: &Cli) -> anyhow::Result<bool> {
+/// Dispatches a parsed command line.
+pub fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Some(Command::Generate(a)) => run_generate(a).context("generate failed").map(|_| true),
-        Some(Command::Bench(a)) => run_bench(a).context("bench failed").map(|_| true),
-        None => Ok(false),
+        None => crate::app::run_app(None),
+        Some(Command::App(a)) => crate::app::run_app(a.model.clone()),
+        Some(Command::Generate(a)) => run_generate(a).context("generate failed"),
+        Some(Command::Bench(a)) => run_bench(a).context("bench failed"),
     }
 }

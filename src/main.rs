@@ -8,14 +8,7 @@ use zipar_studio::cli::{self, Cli};
 fn main() -> ExitCode {
     let args = Cli::parse();
     match cli::run(&args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => match zipar_studio::app::run_app() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

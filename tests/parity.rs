@@ -275,3 +275,51 @@ fn stop_from_the_sink_cancels_between_passes_and_the_model_stays_usable() {
     assert!(trace.is_complete());
     assert_eq!(trace.passes, 21);
 }
+
+#[test]
+fn adaptive_runs_within_the_fixed_bounds_and_full_window_is_ntp() {
+    let mut model = load("tiny");
+    let mut run = |mode, window, sampling| {
+        let params = GenerateParams {
+            mode,
+            window,
+            cfg_scale: 2.0,
+            sampling,
+            seed: 9,
+            mask_unwritten: false,
+        };
+        generate(&mut model, &Condition::Class(4), &params, &mut |_| {
+            Flow::Continue
+        })
+        .expect("runs")
+    };
+    let sampled = Sampling::Random {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    // s_min = w is plain NTP, token for token.
+    assert_eq!(
+        run(Mode::Adaptive, 6, sampled).tokens,
+        run(Mode::Ntp, 6, sampled).tokens
+    );
+    let mut rejected = 0;
+    for seed_sampling in [sampled, Sampling::Greedy] {
+        for s_min in 2..=5 {
+            let t = run(Mode::Adaptive, s_min, seed_sampling);
+            assert!(t.is_complete());
+            let lo = 2 * 6 + 3 * s_min;
+            assert!(
+                t.passes >= lo && t.passes <= 30,
+                "s_min {s_min}: {}",
+                t.passes
+            );
+            assert_eq!(t.mode, Mode::Adaptive);
+            // Rows 2.. run under at least s_min; the first row's windows are the full width.
+            assert!(t.window_of[12..].iter().all(|&x| x >= s_min && x <= 6));
+            assert_eq!(t.tokens_per_pass.iter().sum::<usize>(), 30);
+            rejected += t.rejections_of.iter().sum::<u32>();
+        }
+    }
+    assert!(rejected > 0, "a random model should reject some drafts");
+}

@@ -94,12 +94,15 @@ impl StudioApp {
         app
     }
 
-    /// From eframe's creation context: restores the settings.
-    pub fn from_creation(cc: &eframe::CreationContext<'_>) -> Self {
-        let settings: Settings = cc
+    /// From eframe's creation context: restores the settings (`model` overrides the folder).
+    pub fn from_creation(cc: &eframe::CreationContext<'_>, model: Option<PathBuf>) -> Self {
+        let mut settings: Settings = cc
             .storage
             .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
             .unwrap_or_default();
+        if model.is_some() {
+            settings.model_dir = model;
+        }
         let app = Self::new(settings);
         let _ = app.wake_ctx.set(cc.egui_ctx.clone());
         app
@@ -179,7 +182,8 @@ impl StudioApp {
             let params = self.settings.params(mode);
             let label = match mode {
                 Mode::Ntp => "NTP".to_string(),
-                _ => format!("ZipAR s={}", params.window),
+                Mode::Zipar => format!("ZipAR s={}", params.window),
+                Mode::Adaptive => format!("Adaptive s_min={}", params.window),
             };
             self.lanes.push(Lane {
                 run: RunView::new(job, label, params),
@@ -564,6 +568,8 @@ impl StudioApp {
             ui.label("Mode");
             ui.selectable_value(&mut self.settings.mode, Mode::Ntp, "NTP");
             ui.selectable_value(&mut self.settings.mode, Mode::Zipar, "ZipAR");
+            ui.selectable_value(&mut self.settings.mode, Mode::Adaptive, "Adaptive")
+                .on_hover_text("drafts verified by rejection sampling; the window is the minimum");
         });
         let range = match &self.model {
             ModelState::Ready(i) => i.windows.clone(),
@@ -781,8 +787,8 @@ impl eframe::App for StudioApp {
     }
 }
 
-/// Opens the app window.
-pub fn run_app() -> anyhow::Result<()> {
+/// Opens the app window, optionally on a given model folder.
+pub fn run_app(model: Option<PathBuf>) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("ZipAR Studio")
@@ -794,7 +800,7 @@ pub fn run_app() -> anyhow::Result<()> {
     eframe::run_native(
         "ZipAR Studio",
         options,
-        Box::new(|cc| Ok(Box::new(StudioApp::from_creation(cc)))),
+        Box::new(move |cc| Ok(Box::new(StudioApp::from_creation(cc, model)))),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::sampling::{Sampler, Sampling, SamplingError, cfg_combine, validate_cfg};
+use super::adaptive::{self, AdaptivePlanner, Outcome, Role, Token};
+use super::sampling::{Sampler, Sampling, SamplingError, cfg_combine, distribution, validate_cfg};
 use super::schedule::{Cell, Mode, Schedule, ScheduleError, Source, windows_from_passes};
 use super::trace::DecodeTrace;
-use crate::model::{Condition, ImageArModel, ModelInput, RunOptions};
+use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions};
 
 /// Settings of one generation run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -96,12 +97,185 @@ pub fn schedule_for(
     let (h, w) = model.grid();
     match mode {
         Mode::Ntp => Schedule::ntp(h, w, model.layout()),
-        Mode::Zipar | Mode::Adaptive => Schedule::zipar(h, w, model.layout(), window),
+        Mode::Zipar => Schedule::zipar(h, w, model.layout(), window),
+        // The adaptive count is data-dependent: this is its lower bound (all drafts accepted).
+        Mode::Adaptive => Schedule::zipar(h, w, model.layout(), window).map(|mut s| {
+            s.mode = Mode::Adaptive;
+            s
+        }),
     }
 }
 
 /// Generates one image's tokens.
 pub fn generate(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    params: &GenerateParams,
+    sink: &mut dyn FnMut(&PassReport) -> Flow,
+) -> Result<DecodeTrace, EngineError> {
+    let (h, w) = model.grid();
+    if params.mode == Mode::Adaptive && h >= 2 && params.window < w {
+        return generate_adaptive(model, cond, params, sink);
+    }
+    generate_fixed(model, cond, params, sink)
+}
+
+fn combine(logits: &PassLogits, i: usize, cfg: Option<f32>) -> Vec<f32> {
+    match (&logits.uncond, cfg) {
+        (Some(u), Some(scale)) => cfg_combine(&logits.cond[i], &u[i], scale),
+        _ => logits.cond[i].clone(),
+    }
+}
+
+fn check_rows(logits: &PassLogits, want: usize) -> Result<(), EngineError> {
+    if logits.cond.len() != want {
+        return Err(anyhow::anyhow!(
+            "model returned {} rows of logits for {} predictions",
+            logits.cond.len(),
+            want
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The adaptive window: drafts verified by rejection sampling (see `adaptive.rs`).
+fn generate_adaptive(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    params: &GenerateParams,
+    sink: &mut dyn FnMut(&PassReport) -> Flow,
+) -> Result<DecodeTrace, EngineError> {
+    params.sampling.validate()?;
+    validate_cfg(params.cfg_scale)?;
+    let (h, w) = model.grid();
+    // The fixed schedule for s_min checks the window and gives the expected pass count.
+    let mut total = Schedule::zipar(h, w, model.layout(), params.window)?.num_passes();
+    let mut trace = DecodeTrace::new(h, w, Mode::Adaptive, params.window);
+    trace.cfg_scale = params.cfg_scale;
+    trace.sampling = params.sampling;
+    trace.seed = params.seed;
+    let cfg = (params.cfg_scale != 1.0).then_some(params.cfg_scale);
+    let opts = RunOptions {
+        cfg: cfg.is_some(),
+        mask_unwritten: params.mask_unwritten,
+    };
+    let greedy = params.sampling == Sampling::Greedy;
+    let mut sampler = Sampler::new(params.sampling, params.seed);
+    let mut planner = AdaptivePlanner::new(h, w, params.window);
+    let started = Instant::now();
+    let mut index = 0;
+    let mut report = |trace: &mut DecodeTrace,
+                      index: usize,
+                      total: usize,
+                      produced: Vec<(Cell, u32, f32)>,
+                      inputs: usize,
+                      elapsed: Duration| {
+        for &(cell, token, prob) in &produced {
+            trace.record(cell, token, prob, index);
+        }
+        trace.passes = index + 1;
+        trace.pass_ms.push(elapsed.as_secs_f64() * 1e3);
+        trace.inputs_per_pass.push(inputs);
+        trace.tokens_per_pass.push(produced.len());
+        let r = PassReport {
+            index,
+            total,
+            produced,
+            inputs,
+            elapsed,
+        };
+        sink(&r)
+    };
+    let t0 = Instant::now();
+    let logits = model.prefill(cond, opts)?;
+    check_rows(&logits, 1)?;
+    let first = sampler.sample(&combine(&logits, 0, cfg));
+    planner.apply_prefill(first.token);
+    let produced = vec![(Cell::new(0, 0), first.token, first.prob)];
+    if report(&mut trace, 0, total, produced, 1, t0.elapsed()) == Flow::Stop {
+        return Err(EngineError::Cancelled { passes: 1, total });
+    }
+    while let Some(feeds) = planner.next_pass() {
+        index += 1;
+        total = total.max(index + 1);
+        let t0 = Instant::now();
+        let mut inputs = Vec::with_capacity(feeds.len());
+        for f in &feeds {
+            let token = match f.token {
+                Token::Cell(c) => planner.token(c),
+                Token::Draft(r) => planner.draft(r),
+            }
+            .ok_or_else(|| anyhow::anyhow!("adaptive plan feeds a token that does not exist"))?;
+            inputs.push(ModelInput {
+                token,
+                pos: f.pos,
+                wants_logits: f.role != Role::Discard,
+            });
+        }
+        let logits = model.step(&inputs)?;
+        let wanted = feeds.iter().filter(|f| f.role != Role::Discard).count();
+        check_rows(&logits, wanted)?;
+        let mut row = 0;
+        let mut outcomes = Vec::with_capacity(feeds.len());
+        for f in &feeds {
+            if f.role == Role::Discard {
+                outcomes.push(Outcome::None);
+                continue;
+            }
+            let l = combine(&logits, row, cfg);
+            row += 1;
+            outcomes.push(match f.role {
+                Role::Verify(_) => Outcome::Verify {
+                    dist: distribution(&l, params.sampling),
+                },
+                Role::Draft(_) => {
+                    let (s, dist) = sampler.sample_with_distribution(&l);
+                    Outcome::Sampled {
+                        token: s.token,
+                        prob: s.prob,
+                        dist,
+                    }
+                }
+                _ => {
+                    let s = sampler.sample(&l);
+                    Outcome::Sampled {
+                        token: s.token,
+                        prob: s.prob,
+                        dist: Vec::new(),
+                    }
+                }
+            });
+        }
+        let mut verifier = sampler.clone();
+        let produced = planner.apply(&feeds, outcomes, |x, p, q| {
+            adaptive::verify(&mut verifier, greedy, x, p, q)
+        });
+        sampler = verifier;
+        if report(
+            &mut trace,
+            index,
+            total,
+            produced,
+            feeds.len(),
+            t0.elapsed(),
+        ) == Flow::Stop
+            && !planner.is_done()
+        {
+            return Err(EngineError::Cancelled {
+                passes: index + 1,
+                total,
+            });
+        }
+    }
+    trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    trace.window_of = planner.window_of.clone();
+    trace.rejections_of = planner.rejections_of.clone();
+    Ok(trace)
+}
+
+/// Generates one image along a precomputed schedule (NTP or fixed-window ZipAR).
+fn generate_fixed(
     model: &mut dyn ImageArModel,
     cond: &Condition,
     params: &GenerateParams,

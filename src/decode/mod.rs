@@ -1,6 +1,7 @@
 //! The ZipAR algorithm, model-agnostic. Nothing here imports egui; only `engine` touches the
 //! model (and through it, tensors).
 
+pub mod adaptive;
 pub mod engine;
 pub mod sampling;
 pub mod schedule;

@@ -175,15 +175,21 @@ impl Sampler {
 
     /// Chooses a token from one row of (already CFG-combined) logits.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        self.sample_with_distribution(logits).0
+    }
+
+    /// Like [`Sampler::sample`], also returning the distribution drawn from.
+    pub fn sample_with_distribution(&mut self, logits: &[f32]) -> (Sampled, Vec<f32>) {
         let probs = distribution(logits, self.sampling);
         let token = match self.sampling {
             Sampling::Greedy => argmax(logits),
             Sampling::Random { .. } => self.draw(&probs),
         };
-        Sampled {
+        let s = Sampled {
             token: token as u32,
             prob: probs[token],
-        }
+        };
+        (s, probs)
     }
 
     /// Draws an index from a distribution (which need not be normalised).
