@@ -33,8 +33,39 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Time NTP against ZipAR windows in one process.
     Bench(BenchArgs),
+    /// Measure the quality cost: NLL of samples under the full-context model.
+    Eval(EvalArgs),
     /// Open the app (the default when no command is given).
     App(AppArgs),
+}
+
+/// `eval` flags.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model folder; the built-in model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Class ids (comma separated); default: 8 classes spread over the model's range.
+    #[arg(long, value_delimiter = ',')]
+    pub class: Vec<u32>,
+    /// Fixed-window ZipAR windows (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    pub windows: Vec<usize>,
+    /// Adaptive minimum windows (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub adaptive: Vec<usize>,
+    /// Samples (seeds 0..N) per class.
+    #[arg(long, default_value_t = 2)]
+    pub samples: u64,
+    /// Classifier-free guidance scale (also used for scoring).
+    #[arg(long, default_value_t = 2.0)]
+    pub cfg: f32,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// `app` flags.
@@ -60,6 +91,9 @@ pub struct BenchArgs {
     /// ZipAR windows to time (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     pub windows: Vec<usize>,
+    /// Adaptive minimum windows to time (comma separated; empty for none).
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub adaptive: Vec<usize>,
     /// Seeds (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
@@ -219,6 +253,78 @@ pub fn load_model(
     Ok(LlamaGen::load(&dir, device)?)
 }
 
+/// NTP, then ZipAR for each window, then adaptive for each minimum window.
+fn settings_list(
+    model: &LlamaGen,
+    windows: &[usize],
+    adaptive: &[usize],
+) -> anyhow::Result<Vec<Setting>> {
+    let (_, w) = model.grid();
+    let range = crate::decode::schedule::window_range(model.layout(), w);
+    let mut settings = vec![Setting {
+        mode: Mode::Ntp,
+        window: w,
+    }];
+    let all = windows
+        .iter()
+        .map(|&s| (Mode::Zipar, s))
+        .chain(adaptive.iter().map(|&s| (Mode::Adaptive, s)));
+    for (mode, s) in all {
+        anyhow::ensure!(
+            range.contains(&s),
+            "window {s} is out of range: it must be between {} and {} for a grid {w} wide",
+            range.start(),
+            range.end()
+        );
+        settings.push(Setting { mode, window: s });
+    }
+    Ok(settings)
+}
+
+/// Peak resident set size of this process (Linux).
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `eval`.
+pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
+    if let Some(j) = &args.json {
+        export::check_writable(j)?;
+    }
+    let device = weights::parse_device(&args.device)?;
+    let mut model = load_model(args.model.as_deref(), &device)?;
+    let n = model.manifest.gpt.num_classes.max(1) as u32;
+    let classes: Vec<u32> = if args.class.is_empty() {
+        (0..8u32).map(|i| (i * n / 8).min(n - 1)).collect()
+    } else {
+        args.class.clone()
+    };
+    let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
+    let settings = settings_list(&model, &args.windows, &args.adaptive)?;
+    let seeds: Vec<u64> = (0..args.samples.max(1)).collect();
+    let base = GenerateParams {
+        cfg_scale: args.cfg,
+        sampling: Sampling::default(),
+        ..GenerateParams::default()
+    };
+    let results = crate::eval::run_eval(&mut model, &conds, base, &settings, &seeds)?;
+    println!(
+        "{} samples per setting ({} classes x {} seeds), temperature 1, cfg {}",
+        conds.len() * seeds.len(),
+        conds.len(),
+        seeds.len(),
+        args.cfg
+    );
+    print!("{}", crate::eval::table(&results));
+    if let Some(j) = &args.json {
+        std::fs::write(j, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("cannot write {}", j.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs `bench`.
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(j) = &args.json {
@@ -233,24 +339,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if conds.is_empty() {
         conds.push(Condition::Class(0));
     }
-    let (_, w) = model.grid();
-    let mut settings = vec![Setting {
-        mode: Mode::Ntp,
-        window: w,
-    }];
-    for &s in &args.windows {
-        let range = crate::decode::schedule::window_range(model.layout(), w);
-        anyhow::ensure!(
-            range.contains(&s),
-            "window {s} is out of range: it must be between {} and {} for a grid {w} wide",
-            range.start(),
-            range.end()
-        );
-        settings.push(Setting {
-            mode: Mode::Zipar,
-            window: s,
-        });
-    }
+    let settings = settings_list(&model, &args.windows, &args.adaptive)?;
     let base = GenerateParams {
         cfg_scale: args.cfg,
         sampling: if args.greedy {
@@ -269,6 +358,12 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         args.device
     );
     print!("{}", bench::table(&results));
+    if let Some(kb) = peak_rss_kb() {
+        println!(
+            "peak resident memory of the process: {:.1} MiB",
+            kb as f64 / 1024.0
+        );
+    }
     if let Some(j) = &args.json {
         std::fs::write(j, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("cannot write {}", j.display()))?;
@@ -331,5 +426,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         Some(Command::App(a)) => crate::app::run_app(a.model.clone()),
         Some(Command::Generate(a)) => run_generate(a).context("generate failed"),
         Some(Command::Bench(a)) => run_bench(a).context("bench failed"),
+        Some(Command::Eval(a)) => run_eval(a).context("eval failed"),
     }
 }

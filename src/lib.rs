@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod colormap;
 pub mod decode;
+pub mod eval;
 pub mod export;
 pub mod model;
 pub mod prompt;
