@@ -51,8 +51,8 @@ pub struct EvalArgs {
     /// Fixed-window ZipAR windows (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     pub windows: Vec<usize>,
-    /// Adaptive minimum windows (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    /// Adaptive minimum windows (comma separated; `--adaptive` alone for none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "2,4")]
     pub adaptive: Vec<usize>,
     /// Samples (seeds 0..N) per class.
     #[arg(long, default_value_t = 2)]
@@ -91,8 +91,8 @@ pub struct BenchArgs {
     /// ZipAR windows to time (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     pub windows: Vec<usize>,
-    /// Adaptive minimum windows to time (comma separated; empty for none).
-    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    /// Adaptive minimum windows to time (comma separated; `--adaptive` alone for none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "2,4")]
     pub adaptive: Vec<usize>,
     /// Seeds (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]

@@ -51,8 +51,10 @@ struct PassCtx {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
-        let (b, k, dim) = x.dims3()?;
+    /// `x: [B * k, dim]` (rows of both CFG halves stacked): 2D projections are one GEMM each.
+    fn forward(&self, x: &Tensor, b: usize, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
+        let (rows, dim) = x.dims2()?;
+        let k = rows / b;
         let qkv = self.wqkv.forward(x)?;
         let split = |i: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, i * dim, dim)?
@@ -67,9 +69,9 @@ impl Attention {
         let att = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&ctx.mask.to_dtype(q.dtype())?)?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let out = att
-            .matmul(&values.contiguous()?)?
+            .matmul(&values)?
             .transpose(1, 2)?
-            .reshape((b, k, dim))?;
+            .reshape((b * k, dim))?;
         self.wo.forward(&out)
     }
 }
@@ -97,10 +99,11 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
-        let h = (x + self
+    fn forward(&self, x: &Tensor, b: usize, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
+        let attn = self
             .attention
-            .forward(&self.attention_norm.forward(x)?, ctx, kv)?)?;
+            .forward(&self.attention_norm.forward(x)?, b, ctx, kv)?;
+        let h = (x + attn)?;
         &h + self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?
     }
 }
@@ -342,10 +345,12 @@ impl Gpt {
             mask: Tensor::from_vec(mask, (slots.len(), len), dev)?,
             len,
         };
-        let mut h = x.to_dtype(self.dtype)?;
+        let (b, k, dim) = x.dims3()?;
+        let mut h = x.to_dtype(self.dtype)?.reshape((b * k, dim))?;
         for (layer, kv) in self.layers.iter().zip(state.kv.iter_mut()) {
-            h = layer.forward(&h, &ctx, kv)?;
+            h = layer.forward(&h, b, &ctx, kv)?;
         }
+        let h = h.reshape((b, k, dim))?;
         if want.is_empty() {
             return Ok(PassLogits {
                 cond: vec![],
