@@ -4,6 +4,7 @@ safetensors with LlamaGen's key names, config.json (the app's manifest) and clas
     python training/export.py
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -19,15 +20,21 @@ OUT = os.path.join(HERE, "..", "assets", "models", "emoji")
 
 
 def main():
-    os.makedirs(OUT, exist_ok=True)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpt", default=os.path.join(HERE, "runs", "gpt"))
+    ap.add_argument("--vq", default=os.path.join(HERE, "runs", "vq"))
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args()
+    out = args.out
+    os.makedirs(out, exist_ok=True)
     classes = json.load(open(os.path.join(HERE, "data", "classes.json")))
-    gpt = torch.load(os.path.join(HERE, "runs", "gpt", "last.pt"), map_location="cpu")
-    vq = torch.load(os.path.join(HERE, "runs", "vq", "last.pt"), map_location="cpu")
+    gpt = torch.load(os.path.join(args.gpt, "last.pt"), map_location="cpu")
+    vq = torch.load(os.path.join(args.vq, "last.pt"), map_location="cpu")
     gsd = {k: v.half().contiguous() for k, v in gpt["model"].items() if k != "rope"}
     keep = ("quantize.", "post_quant_conv", "decoder.")
     vsd = {k: v.half().contiguous() for k, v in vq["model"].items() if k.startswith(keep)}
-    save_file(gsd, os.path.join(OUT, "gpt.safetensors"))
-    save_file(vsd, os.path.join(OUT, "vq.safetensors"))
+    save_file(gsd, os.path.join(out, "gpt.safetensors"))
+    save_file(vsd, os.path.join(out, "vq.safetensors"))
     ga = gpt_args(len(classes))
     cfg = {
         "kind": "llamagen-c2i",
@@ -55,14 +62,14 @@ def main():
         },
         "training": {"gpt_steps": gpt["step"], "vq_steps": vq["step"]},
     }
-    with open(os.path.join(OUT, "config.json"), "w") as f:
+    with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     slim = [{k: c[k] for k in ("id", "name", "short_names", "keywords")} for c in classes]
-    with open(os.path.join(OUT, "classes.json"), "w") as f:
+    with open(os.path.join(out, "classes.json"), "w") as f:
         json.dump(slim, f, separators=(",", ":"))
-    shutil.copy(os.path.join(HERE, "runs", "vq", "log.csv"), os.path.join(OUT, "vq_log.csv"))
-    shutil.copy(os.path.join(HERE, "runs", "gpt", "log.csv"), os.path.join(OUT, "gpt_log.csv"))
-    print("wrote", os.path.abspath(OUT))
+    shutil.copy(os.path.join(args.vq, "log.csv"), os.path.join(out, "vq_log.csv"))
+    shutil.copy(os.path.join(args.gpt, "log.csv"), os.path.join(out, "gpt_log.csv"))
+    print("wrote", os.path.abspath(out))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ impl StudioApp {
 
     /// Asks the worker to load a model.
     pub fn load_model(&mut self, source: ModelSource) {
+        // The worker handles one command at a time: stop the run so the load starts now.
+        self.stop();
         let job = self.job();
         self.model_error = None;
         self.model = ModelState::Loading(job);
