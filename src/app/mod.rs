@@ -791,8 +791,13 @@ impl eframe::App for StudioApp {
 
 /// Opens the app window, optionally on a given model folder.
 pub fn run_app(model: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut viewport = egui::ViewportBuilder::default();
+    // The same staircase icon the desktop files use; a bad icon is not worth failing over.
+    if let Ok(icon) = eframe::icon_data::from_png_bytes(include_bytes!("../../assets/icon-64.png")) {
+        viewport = viewport.with_icon(std::sync::Arc::new(icon));
+    }
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default()
+        viewport: viewport
             .with_title("ZipAR Studio")
             .with_app_id("io.github.zipar_studio.ZiparStudio")
             .with_inner_size([1180.0, 760.0])
