@@ -186,15 +186,7 @@ impl GenerateArgs {
             },
             window: self.window,
             cfg_scale: self.cfg,
-            sampling: if self.greedy {
-                Sampling::Greedy
-            } else {
-                Sampling::Random {
-                    temperature: self.temperature,
-                    top_k: self.top_k,
-                    top_p: self.top_p,
-                }
-            },
+            sampling: Sampling::from_flags(self.greedy, self.temperature, self.top_k, self.top_p),
             seed: self.seed,
             mask_unwritten: self.mask_unwritten,
         }

@@ -11,7 +11,40 @@ use serde::Serialize;
 use crate::bench::Setting;
 use crate::decode::sampling::{cfg_combine, softmax};
 use crate::decode::{Flow, GenerateParams, generate};
-use crate::model::{Condition, ImageArModel, ModelInput, RunOptions};
+use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions};
+
+/// Logits for every cell of a given token grid: the prefill plus one pass feeding every token
+/// but the last at its own slot (full raster-causal context).
+pub fn teacher_forced(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    tokens: &[u32],
+    cfg: bool,
+) -> anyhow::Result<PassLogits> {
+    anyhow::ensure!(!tokens.is_empty(), "nothing to score");
+    let opts = RunOptions {
+        cfg,
+        mask_unwritten: false,
+    };
+    let mut out = model.prefill(cond, opts)?;
+    if tokens.len() > 1 {
+        let inputs: Vec<ModelInput> = tokens[..tokens.len() - 1]
+            .iter()
+            .enumerate()
+            .map(|(pos, &token)| ModelInput {
+                token,
+                pos,
+                wants_logits: true,
+            })
+            .collect();
+        let rest = model.step(&inputs)?;
+        out.cond.extend(rest.cond);
+        if let (Some(u), Some(r)) = (out.uncond.as_mut(), rest.uncond) {
+            u.extend(r);
+        }
+    }
+    Ok(out)
+}
 
 /// Mean per-token NLL (nats) of `tokens` under the model's full-context, CFG-guided
 /// distribution.
@@ -21,39 +54,13 @@ pub fn score_nll(
     tokens: &[u32],
     cfg_scale: f32,
 ) -> anyhow::Result<f64> {
-    anyhow::ensure!(!tokens.is_empty(), "nothing to score");
     let cfg = cfg_scale != 1.0;
-    let opts = RunOptions {
-        cfg,
-        mask_unwritten: false,
-    };
-    let first = model.prefill(cond, opts)?;
-    let inputs: Vec<ModelInput> = tokens[..tokens.len() - 1]
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| ModelInput {
-            token,
-            pos,
-            wants_logits: true,
-        })
-        .collect();
-    let rest = if inputs.is_empty() {
-        Default::default()
-    } else {
-        model.step(&inputs)?
-    };
+    let logits = teacher_forced(model, cond, tokens, cfg)?;
     let mut total = 0.0f64;
-    let rows = first.cond.iter().chain(rest.cond.iter());
-    let unconds: Vec<&Vec<f32>> = first
-        .uncond
-        .iter()
-        .flatten()
-        .chain(rest.uncond.iter().flatten())
-        .collect();
-    for (i, (row, &t)) in rows.zip(tokens).enumerate() {
-        let l = match unconds.get(i) {
-            Some(u) if cfg => cfg_combine(row, u, cfg_scale),
-            _ => row.clone(),
+    for (i, &t) in tokens.iter().enumerate() {
+        let l = match &logits.uncond {
+            Some(u) if cfg => cfg_combine(&logits.cond[i], &u[i], cfg_scale),
+            _ => logits.cond[i].clone(),
         };
         let p = softmax(&l)[t as usize].max(1e-30);
         total -= (p as f64).ln();

@@ -15,29 +15,7 @@ fn load(name: &str) -> LlamaGen {
 
 /// Prefill plus one pass over every token but the last: logits for every cell.
 fn teacher_forced(model: &mut dyn ImageArModel, cond: &Condition, tokens: &[u32]) -> PassLogits {
-    let opts = RunOptions {
-        cfg: true,
-        mask_unwritten: false,
-    };
-    let first = model.prefill(cond, opts).expect("prefill");
-    let inputs: Vec<ModelInput> = tokens[..tokens.len() - 1]
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| ModelInput {
-            token,
-            pos,
-            wants_logits: true,
-        })
-        .collect();
-    let rest = model.step(&inputs).expect("step");
-    let mut cond_rows = first.cond;
-    cond_rows.extend(rest.cond);
-    let mut uncond_rows = first.uncond.expect("cfg half");
-    uncond_rows.extend(rest.uncond.expect("cfg half"));
-    PassLogits {
-        cond: cond_rows,
-        uncond: Some(uncond_rows),
-    }
+    zipar_studio::eval::teacher_forced(model, cond, tokens, true).expect("teacher forcing")
 }
 
 fn flat(rows: &[Vec<f32>]) -> Vec<f32> {

@@ -127,6 +127,62 @@ fn combine(logits: &PassLogits, i: usize, cfg: Option<f32>) -> Vec<f32> {
     }
 }
 
+/// What both engines set up before the first pass.
+struct RunSetup {
+    trace: DecodeTrace,
+    cfg: Option<f32>,
+    opts: RunOptions,
+    sampler: Sampler,
+}
+
+fn setup(
+    params: &GenerateParams,
+    h: usize,
+    w: usize,
+    window: usize,
+) -> Result<RunSetup, EngineError> {
+    params.sampling.validate()?;
+    validate_cfg(params.cfg_scale)?;
+    let mut trace = DecodeTrace::new(h, w, params.mode, window);
+    trace.cfg_scale = params.cfg_scale;
+    trace.sampling = params.sampling;
+    trace.seed = params.seed;
+    let cfg = (params.cfg_scale != 1.0).then_some(params.cfg_scale);
+    Ok(RunSetup {
+        trace,
+        cfg,
+        opts: RunOptions {
+            cfg: cfg.is_some(),
+            mask_unwritten: params.mask_unwritten,
+        },
+        sampler: Sampler::new(params.sampling, params.seed),
+    })
+}
+
+/// Records a finished pass in the trace and reports it; `Err` when the sink stops the run
+/// before its last pass.
+fn finish_pass(
+    trace: &mut DecodeTrace,
+    sink: &mut dyn FnMut(&PassReport) -> Flow,
+    report: PassReport,
+    last: bool,
+) -> Result<(), EngineError> {
+    for &(cell, token, prob) in &report.produced {
+        trace.record(cell, token, prob, report.index);
+    }
+    trace.passes = report.index + 1;
+    trace.pass_ms.push(report.elapsed.as_secs_f64() * 1e3);
+    trace.inputs_per_pass.push(report.inputs);
+    trace.tokens_per_pass.push(report.produced.len());
+    if sink(&report) == Flow::Stop && !last {
+        return Err(EngineError::Cancelled {
+            passes: report.index + 1,
+            total: report.total,
+        });
+    }
+    Ok(())
+}
+
 fn check_rows(logits: &PassLogits, want: usize) -> Result<(), EngineError> {
     if logits.cond.len() != want {
         return Err(anyhow::anyhow!(
@@ -146,56 +202,32 @@ fn generate_adaptive(
     params: &GenerateParams,
     sink: &mut dyn FnMut(&PassReport) -> Flow,
 ) -> Result<DecodeTrace, EngineError> {
-    params.sampling.validate()?;
-    validate_cfg(params.cfg_scale)?;
     let (h, w) = model.grid();
     // The fixed schedule for s_min checks the window and gives the expected pass count.
     let mut total = Schedule::zipar(h, w, model.layout(), params.window)?.num_passes();
-    let mut trace = DecodeTrace::new(h, w, Mode::Adaptive, params.window);
-    trace.cfg_scale = params.cfg_scale;
-    trace.sampling = params.sampling;
-    trace.seed = params.seed;
-    let cfg = (params.cfg_scale != 1.0).then_some(params.cfg_scale);
-    let opts = RunOptions {
-        cfg: cfg.is_some(),
-        mask_unwritten: params.mask_unwritten,
-    };
+    let RunSetup {
+        mut trace,
+        cfg,
+        opts,
+        mut sampler,
+    } = setup(params, h, w, params.window)?;
     let greedy = params.sampling == Sampling::Greedy;
-    let mut sampler = Sampler::new(params.sampling, params.seed);
     let mut planner = AdaptivePlanner::new(h, w, params.window);
     let started = Instant::now();
     let mut index = 0;
-    let mut report = |trace: &mut DecodeTrace,
-                      index: usize,
-                      total: usize,
-                      produced: Vec<(Cell, u32, f32)>,
-                      inputs: usize,
-                      elapsed: Duration| {
-        for &(cell, token, prob) in &produced {
-            trace.record(cell, token, prob, index);
-        }
-        trace.passes = index + 1;
-        trace.pass_ms.push(elapsed.as_secs_f64() * 1e3);
-        trace.inputs_per_pass.push(inputs);
-        trace.tokens_per_pass.push(produced.len());
-        let r = PassReport {
-            index,
-            total,
-            produced,
-            inputs,
-            elapsed,
-        };
-        sink(&r)
-    };
     let t0 = Instant::now();
     let logits = model.prefill(cond, opts)?;
     check_rows(&logits, 1)?;
     let first = sampler.sample(&combine(&logits, 0, cfg));
     planner.apply_prefill(first.token);
-    let produced = vec![(Cell::new(0, 0), first.token, first.prob)];
-    if report(&mut trace, 0, total, produced, 1, t0.elapsed()) == Flow::Stop {
-        return Err(EngineError::Cancelled { passes: 1, total });
-    }
+    let report = PassReport {
+        index: 0,
+        total,
+        produced: vec![(Cell::new(0, 0), first.token, first.prob)],
+        inputs: 1,
+        elapsed: t0.elapsed(),
+    };
+    finish_pass(&mut trace, sink, report, planner.is_done())?;
     while let Some(feeds) = planner.next_pass() {
         index += 1;
         total = total.max(index + 1);
@@ -252,21 +284,14 @@ fn generate_adaptive(
             adaptive::verify(&mut verifier, greedy, x, p, q)
         });
         sampler = verifier;
-        if report(
-            &mut trace,
+        let report = PassReport {
             index,
             total,
             produced,
-            feeds.len(),
-            t0.elapsed(),
-        ) == Flow::Stop
-            && !planner.is_done()
-        {
-            return Err(EngineError::Cancelled {
-                passes: index + 1,
-                total,
-            });
-        }
+            inputs: feeds.len(),
+            elapsed: t0.elapsed(),
+        };
+        finish_pass(&mut trace, sink, report, planner.is_done())?;
     }
     trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
     trace.window_of = planner.window_of.clone();
@@ -281,20 +306,14 @@ fn generate_fixed(
     params: &GenerateParams,
     sink: &mut dyn FnMut(&PassReport) -> Flow,
 ) -> Result<DecodeTrace, EngineError> {
-    params.sampling.validate()?;
-    validate_cfg(params.cfg_scale)?;
     let schedule = schedule_for(model, params.mode, params.window)?;
     let (h, w) = (schedule.h, schedule.w);
-    let mut trace = DecodeTrace::new(h, w, params.mode, schedule.window);
-    trace.cfg_scale = params.cfg_scale;
-    trace.sampling = params.sampling;
-    trace.seed = params.seed;
-    let use_cfg = params.cfg_scale != 1.0;
-    let opts = RunOptions {
-        cfg: use_cfg,
-        mask_unwritten: params.mask_unwritten,
-    };
-    let mut sampler = Sampler::new(params.sampling, params.seed);
+    let RunSetup {
+        mut trace,
+        cfg,
+        opts,
+        mut sampler,
+    } = setup(params, h, w, schedule.window)?;
     let mut grid: Vec<Option<u32>> = vec![None; h * w];
     let total = schedule.num_passes();
     let started = Instant::now();
@@ -326,43 +345,21 @@ fn generate_fixed(
             model.step(&inputs)?
         };
         let cells: Vec<Cell> = pass.predicted().collect();
-        if logits.cond.len() != cells.len() {
-            return Err(anyhow::anyhow!(
-                "model returned {} rows of logits for {} predictions",
-                logits.cond.len(),
-                cells.len()
-            )
-            .into());
-        }
+        check_rows(&logits, cells.len())?;
         let mut produced = Vec::with_capacity(cells.len());
         for (i, cell) in cells.iter().enumerate() {
-            let row = match (&logits.uncond, use_cfg) {
-                (Some(u), true) => cfg_combine(&logits.cond[i], &u[i], params.cfg_scale),
-                _ => logits.cond[i].clone(),
-            };
-            let s = sampler.sample(&row);
+            let s = sampler.sample(&combine(&logits, i, cfg));
             grid[cell.row * w + cell.col] = Some(s.token);
-            trace.record(*cell, s.token, s.prob, index);
             produced.push((*cell, s.token, s.prob));
         }
-        let elapsed = t0.elapsed();
-        trace.passes = index + 1;
-        trace.pass_ms.push(elapsed.as_secs_f64() * 1e3);
-        trace.inputs_per_pass.push(pass.feeds.len());
-        trace.tokens_per_pass.push(cells.len());
         let report = PassReport {
             index,
             total,
             produced,
             inputs: pass.feeds.len(),
-            elapsed,
+            elapsed: t0.elapsed(),
         };
-        if sink(&report) == Flow::Stop && index + 1 < total {
-            return Err(EngineError::Cancelled {
-                passes: index + 1,
-                total,
-            });
-        }
+        finish_pass(&mut trace, sink, report, index + 1 == total)?;
     }
     trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
     trace.window_of = windows_from_passes(h, w, &trace.pass_of);

@@ -51,6 +51,19 @@ pub enum SamplingError {
 }
 
 impl Sampling {
+    /// The rule the command line and the app's settings describe.
+    pub fn from_flags(greedy: bool, temperature: f32, top_k: usize, top_p: f32) -> Self {
+        if greedy {
+            Sampling::Greedy
+        } else {
+            Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+            }
+        }
+    }
+
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), SamplingError> {
         if let Sampling::Random {
