@@ -17,6 +17,7 @@ from train_vq import VQ_ARGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "assets", "models", "emoji")
+CKPT = os.path.join(HERE, "checkpoints")
 
 
 def main():
@@ -35,6 +36,11 @@ def main():
     vsd = {k: v.half().contiguous() for k, v in vq["model"].items() if k.startswith(keep)}
     save_file(gsd, os.path.join(out, "gpt.safetensors"))
     save_file(vsd, os.path.join(out, "vq.safetensors"))
+    # Weights-only copy of the whole VQ (encoder included, which the app does not need) so
+    # that training can resume in a later sitting without the large optimiser checkpoints.
+    full_vq = {k: v.half().contiguous() for k, v in vq["model"].items()}
+    os.makedirs(CKPT, exist_ok=True)
+    save_file(full_vq, os.path.join(CKPT, "vq.safetensors"), metadata={"step": str(vq["step"])})
     ga = gpt_args(len(classes))
     cfg = {
         "kind": "llamagen-c2i",

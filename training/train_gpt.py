@@ -19,6 +19,7 @@ from llamagen import Gpt, GptArgs, VqModel
 from train_vq import VQ_ARGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.path.join(HERE, "..", "assets", "models", "emoji")
 
 
 def gpt_args(num_classes: int) -> GptArgs:
@@ -79,6 +80,16 @@ def main():
             opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed at step {step}")
+    elif os.path.exists(os.path.join(ASSETS, "gpt.safetensors")):
+        # the shipped weights are the weights-only checkpoint: fresh optimiser
+        import json
+
+        from safetensors.torch import load_file
+
+        sd = {k: v.float() for k, v in load_file(os.path.join(ASSETS, "gpt.safetensors")).items()}
+        model.load_state_dict(sd)
+        step = json.load(open(os.path.join(ASSETS, "config.json")))["training"]["gpt_steps"]
+        print(f"resumed weights only at step {step}")
     log = open(os.path.join(args.out, "log.csv"), "a")
     t0 = time.time()
     gen = torch.Generator().manual_seed(step)

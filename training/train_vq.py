@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from llamagen import VqArgs, VqModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+WEIGHTS = os.path.join(HERE, "checkpoints", "vq.safetensors")
 VQ_ARGS = VqArgs(
     codebook_size=1024, codebook_embed_dim=8, z_channels=64, ch=16, ch_mult=[1, 2, 4], num_res_blocks=1, norm_groups=8
 )
@@ -73,6 +74,14 @@ def main():
             opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed at step {step}")
+    elif os.path.exists(WEIGHTS):
+        # weights-only checkpoint committed by export.py: fresh optimiser
+        from safetensors import safe_open
+
+        with safe_open(WEIGHTS, "pt") as f:
+            model.load_state_dict({k: f.get_tensor(k).float() for k in f.keys()})
+            step = int(f.metadata().get("step", 0))
+        print(f"resumed weights only at step {step}")
     log = open(os.path.join(args.out, "log.csv"), "a")
     t0 = time.time()
     gen = torch.Generator(device="cpu").manual_seed(step)
