@@ -1,0 +1,34 @@
+//! The shipped model loads through the ordinary LlamaGen path and decodes a full image.
+
+use candle_core::Device;
+use zipar_studio::decode::{Flow, GenerateParams, Mode, Sampling, generate};
+use zipar_studio::model::llamagen::LlamaGen;
+use zipar_studio::model::{Condition, ImageArModel};
+use zipar_studio::prompt::ClassIndex;
+
+#[test]
+fn builtin_model_loads_matches_prompts_and_generates() {
+    let dir = zipar_studio::default_model_dir();
+    let mut model = LlamaGen::load(&dir, &Device::Cpu).expect("built-in model loads");
+    assert_eq!(model.grid(), (16, 16));
+    let classes = model.manifest.classes.clone().expect("class names");
+    let index = ClassIndex::load(&dir.join(classes)).expect("classes.json");
+    assert_eq!(index.classes().len(), model.manifest.gpt.num_classes);
+    let m = index.best("red apple").expect("a match");
+    assert_eq!(m.name, "red apple");
+    let params = GenerateParams {
+        mode: Mode::Zipar,
+        window: 4,
+        cfg_scale: 1.0,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        mask_unwritten: false,
+    };
+    let trace = generate(&mut model, &Condition::Class(m.id), &params, &mut |_| {
+        Flow::Continue
+    })
+    .expect("generates");
+    assert_eq!(trace.passes, 2 * 16 + 14 * 4);
+    let img = model.decode_image(&trace.tokens).expect("decodes");
+    assert_eq!((img.width, img.height), (64, 64));
+}
