@@ -11,7 +11,7 @@ use crate::export;
 use crate::model::llamagen::LlamaGen;
 use crate::model::{Condition, ImageArModel};
 use crate::prompt::ClassIndex;
-use crate::weights;
+use crate::weights::{self, ResolvedDefaults};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -57,9 +57,9 @@ pub struct EvalArgs {
     /// Samples (seeds 0..N) per class.
     #[arg(long, default_value_t = 2)]
     pub samples: u64,
-    /// Classifier-free guidance scale (also used for scoring).
-    #[arg(long, default_value_t = 2.0)]
-    pub cfg: f32,
+    /// Classifier-free guidance scale (also used for scoring); default: the model's.
+    #[arg(long)]
+    pub cfg: Option<f32>,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -97,9 +97,9 @@ pub struct BenchArgs {
     /// Seeds (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 2.0)]
-    pub cfg: f32,
+    /// Classifier-free guidance scale; default: the model's.
+    #[arg(long)]
+    pub cfg: Option<f32>,
     /// Greedy decoding instead of sampling.
     #[arg(long)]
     pub greedy: bool,
@@ -137,21 +137,22 @@ pub struct GenerateArgs {
     /// Decoding mode.
     #[arg(long, value_enum, default_value = "zipar")]
     pub mode: ModeArg,
-    /// ZipAR window: tokens of the row above before the next row starts.
-    #[arg(long, default_value_t = 4)]
-    pub window: usize,
-    /// Classifier-free guidance scale (1 disables it).
-    #[arg(long, default_value_t = 2.0)]
-    pub cfg: f32,
-    /// Sampling temperature.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// Top-k (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Top-p (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
+    /// ZipAR window: tokens of the row above before the next row starts [default: the
+    /// model's, else 4].
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Classifier-free guidance scale, 1 disables it [default: the model's, else 2].
+    #[arg(long)]
+    pub cfg: Option<f32>,
+    /// Sampling temperature [default: the model's, else 1].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Top-k, 0 = off [default: the model's, else 0].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Top-p, 1 = off [default: the model's, else 1].
+    #[arg(long)]
+    pub top_p: Option<f32>,
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -176,17 +177,23 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
-    /// The decoding settings these flags ask for.
-    pub fn params(&self) -> GenerateParams {
+    /// The decoding settings these flags ask for; `defaults` (the model's recommendations)
+    /// fill in what the flags leave out.
+    pub fn params(&self, defaults: &ResolvedDefaults) -> GenerateParams {
         GenerateParams {
             mode: match self.mode {
                 ModeArg::Ntp => Mode::Ntp,
                 ModeArg::Zipar => Mode::Zipar,
                 ModeArg::Adaptive => Mode::Adaptive,
             },
-            window: self.window,
-            cfg_scale: self.cfg,
-            sampling: Sampling::from_flags(self.greedy, self.temperature, self.top_k, self.top_p),
+            window: self.window.unwrap_or(defaults.window),
+            cfg_scale: self.cfg.unwrap_or(defaults.cfg),
+            sampling: Sampling::from_flags(
+                self.greedy,
+                self.temperature.unwrap_or(defaults.temperature),
+                self.top_k.unwrap_or(defaults.top_k),
+                self.top_p.unwrap_or(defaults.top_p),
+            ),
             seed: self.seed,
             mask_unwritten: self.mask_unwritten,
         }
@@ -296,18 +303,21 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
     let settings = settings_list(&model, &args.windows, &args.adaptive)?;
     let seeds: Vec<u64> = (0..args.samples.max(1)).collect();
+    let d = model.manifest.defaults.resolve();
     let base = GenerateParams {
-        cfg_scale: args.cfg,
-        sampling: Sampling::default(),
+        cfg_scale: args.cfg.unwrap_or(d.cfg),
+        sampling: Sampling::from_flags(false, d.temperature, d.top_k, d.top_p),
         ..GenerateParams::default()
     };
+    crate::decode::sampling::validate_cfg(base.cfg_scale)?;
     let results = crate::eval::run_eval(&mut model, &conds, base, &settings, &seeds)?;
     println!(
-        "{} samples per setting ({} classes x {} seeds), temperature 1, cfg {}",
+        "{} samples per setting ({} classes x {} seeds), {}, cfg {}",
         conds.len() * seeds.len(),
         conds.len(),
         seeds.len(),
-        args.cfg
+        base.sampling,
+        base.cfg_scale
     );
     print!("{}", crate::eval::table(&results));
     if let Some(j) = &args.json {
@@ -332,22 +342,22 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         conds.push(Condition::Class(0));
     }
     let settings = settings_list(&model, &args.windows, &args.adaptive)?;
+    let d = model.manifest.defaults.resolve();
     let base = GenerateParams {
-        cfg_scale: args.cfg,
-        sampling: if args.greedy {
-            Sampling::Greedy
-        } else {
-            Sampling::default()
-        },
+        cfg_scale: args.cfg.unwrap_or(d.cfg),
+        sampling: Sampling::from_flags(args.greedy, d.temperature, d.top_k, d.top_p),
         ..GenerateParams::default()
     };
+    crate::decode::sampling::validate_cfg(base.cfg_scale)?;
     let results = bench::run_bench(&mut model, &conds, base, &settings, &args.seeds)?;
     println!(
-        "{} images per setting ({} conditions x {} seeds), device {}",
+        "{} images per setting ({} conditions x {} seeds), device {}, {}, cfg {}",
         conds.len() * args.seeds.len(),
         conds.len(),
         args.seeds.len(),
-        args.device
+        args.device,
+        base.sampling,
+        base.cfg_scale
     );
     print!("{}", bench::table(&results));
     if let Some(kb) = peak_rss_kb() {
@@ -369,11 +379,11 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     if let Some(t) = &args.trace {
         export::check_writable(t)?;
     }
-    let params = args.params();
-    params.sampling.validate()?;
-    crate::decode::sampling::validate_cfg(params.cfg_scale)?;
     let device = weights::parse_device(&args.device)?;
     let mut model = load_model(args.model.as_deref(), &device)?;
+    let params = args.params(&model.manifest.defaults.resolve());
+    params.sampling.validate()?;
+    crate::decode::sampling::validate_cfg(params.cfg_scale)?;
     let cond = condition_for(&model, args.class, args.prompt.as_deref())?;
     let schedule = crate::decode::engine::schedule_for(&model, params.mode, params.window)?;
     let bar = if args.quiet {

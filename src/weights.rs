@@ -86,6 +86,74 @@ pub struct Manifest {
     /// Class names for prompt matching (`classes.json`), when the model has them.
     #[serde(default)]
     pub classes: Option<String>,
+    /// Decoding settings the model's authors recommend (used until the user sets others).
+    #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
+    pub defaults: SamplingDefaults,
+}
+
+/// Recommended decoding settings of a model (`"defaults"` in `config.json`); every field is
+/// optional and falls back to the app-wide default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingDefaults {
+    /// Classifier-free guidance scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cfg: Option<f32>,
+    /// Sampling temperature.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Top-k (0 = off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Top-p (1 = off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// ZipAR window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
+}
+
+impl SamplingDefaults {
+    /// App-wide defaults, used where a model recommends nothing.
+    pub const FALLBACK: ResolvedDefaults = ResolvedDefaults {
+        cfg: 2.0,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        window: 4,
+    };
+
+    /// Whether the model recommends nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The model's recommendations with the app-wide defaults filled in.
+    pub fn resolve(&self) -> ResolvedDefaults {
+        let f = Self::FALLBACK;
+        ResolvedDefaults {
+            cfg: self.cfg.unwrap_or(f.cfg),
+            temperature: self.temperature.unwrap_or(f.temperature),
+            top_k: self.top_k.unwrap_or(f.top_k),
+            top_p: self.top_p.unwrap_or(f.top_p),
+            window: self.window.unwrap_or(f.window),
+        }
+    }
+}
+
+/// Decoding settings with every value present.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResolvedDefaults {
+    /// Classifier-free guidance scale.
+    pub cfg: f32,
+    /// Sampling temperature.
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    pub top_k: usize,
+    /// Top-p (1 = off).
+    pub top_p: f32,
+    /// ZipAR window.
+    pub window: usize,
 }
 
 impl Manifest {
@@ -110,6 +178,21 @@ impl Manifest {
             return Err(bad(format!(
                 "vocab_size {} differs from the VQ codebook size {}",
                 m.gpt.vocab_size, m.vq.codebook_size
+            )));
+        }
+        let d = m.defaults.resolve();
+        crate::decode::sampling::Sampling::from_flags(false, d.temperature, d.top_k, d.top_p)
+            .validate()
+            .and_then(|()| crate::decode::sampling::validate_cfg(d.cfg))
+            .map_err(|e| bad(format!("defaults: {e}")))?;
+        let windows = crate::decode::schedule::window_range(
+            crate::decode::schedule::Layout::Raster,
+            m.grid_w,
+        );
+        if !windows.contains(&d.window) {
+            return Err(bad(format!(
+                "defaults: window {} is out of range: it must be between 2 and {}",
+                d.window, m.grid_w
             )));
         }
         match (m.kind, m.gpt.caption_dim) {

@@ -83,6 +83,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Load time.
     pub load_ms: f64,
+    /// Decoding settings the model recommends.
+    pub defaults: crate::weights::SamplingDefaults,
 }
 
 /// Worker -> UI.
@@ -324,6 +326,7 @@ impl Worker {
             num_classes: model.manifest.gpt.num_classes,
             device: device.to_string(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            defaults: model.manifest.defaults,
         };
         self.model = Some(model);
         Ok(info)

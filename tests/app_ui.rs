@@ -55,6 +55,8 @@ fn settings(export: &std::path::Path) -> Settings {
         mode: Mode::Zipar,
         window: 3,
         greedy: true,
+        // a returning user: the settings above are kept, not replaced by the model's
+        defaults_applied_for: Some(fixture("tiny")),
         ..Settings::default()
     }
 }
@@ -174,4 +176,49 @@ fn stop_cancels_a_running_job() {
     let run = h.state().runs().next().cloned().expect("run");
     assert_eq!(run.status, RunStatus::Cancelled);
     assert!(run.passes_done() < 30);
+}
+
+#[test]
+fn a_model_loaded_for_the_first_time_brings_its_recommended_settings() {
+    let model = tempfile::tempdir().expect("tempdir");
+    for f in [
+        "config.json",
+        "gpt.safetensors",
+        "vq.safetensors",
+        "classes.json",
+    ] {
+        std::fs::copy(fixture("tiny").join(f), model.path().join(f)).expect("copy");
+    }
+    let path = model.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    cfg["defaults"] = serde_json::json!({"cfg": 1.5, "top_k": 7, "window": 5});
+    std::fs::write(&path, cfg.to_string()).expect("write");
+
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(out.path());
+    s.model_dir = Some(model.path().to_path_buf());
+    s.defaults_applied_for = None;
+    s.cfg = 6.0;
+    let mut h = harness(s);
+    step_until(&mut h, "the model", model_ready);
+    let got = &h.state().settings;
+    assert_eq!(
+        (got.cfg, got.top_k, got.window, got.greedy),
+        (1.5, 7, 5, false)
+    );
+    assert_eq!(got.defaults_applied_for.as_deref(), Some(model.path()));
+
+    // What the user sets afterwards survives a reload of the same model...
+    h.state_mut().settings.cfg = 4.0;
+    h.state_mut()
+        .load_model(zipar_studio::worker::ModelSource::Dir(
+            model.path().to_path_buf(),
+        ));
+    step_until(&mut h, "the reload", model_ready);
+    assert_eq!(h.state().settings.cfg, 4.0);
+    // ...and the "Model defaults" button brings the recommendations back.
+    h.get_by_label("Model defaults").click();
+    h.step();
+    assert_eq!(h.state().settings.cfg, 1.5);
 }

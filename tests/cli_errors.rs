@@ -203,3 +203,43 @@ fn generate_writes_png_and_trace_with_the_zipar_pass_count() {
     assert_eq!(t["pass_ms"].as_array().expect("pass_ms").len(), 21);
     assert_eq!(t["mode"], "zipar");
 }
+
+/// A copy of the tiny fixture whose config.json recommends `defaults`.
+fn model_with_defaults(defaults: serde_json::Value) -> tempfile::TempDir {
+    let d = model_copy();
+    let path = d.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    cfg["defaults"] = defaults;
+    std::fs::write(&path, cfg.to_string()).expect("write");
+    d
+}
+
+#[test]
+fn the_models_recommended_window_applies_unless_a_flag_overrides_it() {
+    let d = model_with_defaults(serde_json::json!({"window": 3, "cfg": 1.0, "top_k": 5}));
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("a.png");
+    let model = d.path().to_str().expect("utf8");
+    let base = [
+        "generate", "--model", model, "--class", "2", "--quiet", "--out",
+    ];
+    let png = png.to_str().expect("utf8");
+    let (code, stdout, stderr) = run(&[&base[..], &[png]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    // 2w + (h-2)s with h = 5, w = 6 and the recommended s = 3
+    assert!(stdout.contains("window 3: 21 passes"), "{stdout}");
+    let (code, stdout, stderr) = run(&[&base[..], &[png, "--window", "5"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("window 5: 27 passes"), "{stdout}");
+}
+
+#[test]
+fn recommended_defaults_out_of_range_are_refused() {
+    let d = model_with_defaults(serde_json::json!({"window": 9}));
+    expect_error(d.path(), &[], "defaults: window 9 is out of range");
+    let d = model_with_defaults(serde_json::json!({"temperature": 0.0}));
+    expect_error(d.path(), &[], "defaults: temperature 0 is out of range");
+    let d = model_with_defaults(serde_json::json!({"cfg_scale": 2.0}));
+    expect_error(d.path(), &[], "unknown field `cfg_scale`");
+}

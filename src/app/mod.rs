@@ -219,14 +219,19 @@ impl StudioApp {
         match ev {
             Event::ModelLoaded { info, .. } => {
                 if matches!(self.model, ModelState::Loading(j) if j == job) {
+                    let mut msg = format!("loaded {} in {:.0} ms", info.name, info.load_ms);
+                    if self.settings.defaults_applied_for.as_ref() != Some(&info.dir) {
+                        self.settings.apply_defaults(&info.defaults, &info.windows);
+                        self.settings.defaults_applied_for = Some(info.dir.clone());
+                        if !info.defaults.is_empty() {
+                            msg.push_str("; decoding settings set to the model's defaults");
+                        }
+                    }
                     if !info.windows.contains(&self.settings.window) {
                         self.settings.window =
                             (*info.windows.end()).min(4).max(*info.windows.start());
                     }
-                    self.status = Some((
-                        format!("loaded {} in {:.0} ms", info.name, info.load_ms),
-                        false,
-                    ));
+                    self.status = Some((msg, false));
                     self.model = ModelState::Ready(info);
                     self.last_matched_prompt.clear();
                 }
@@ -597,6 +602,14 @@ impl StudioApp {
             ui.add(egui::Slider::new(&mut self.settings.top_k, 0..=1024).text("top-k (0 = off)"));
             ui.add(egui::Slider::new(&mut self.settings.top_p, 0.05..=1.0).text("top-p"));
         });
+        if let ModelState::Ready(info) = &self.model
+            && ui
+                .button("Model defaults")
+                .on_hover_text(model_defaults_hint(&info.defaults))
+                .clicked()
+        {
+            self.settings.apply_defaults(&info.defaults, &info.windows);
+        }
         ui.horizontal(|ui| {
             let l = ui.label("Seed");
             ui.add(egui::DragValue::new(&mut self.settings.seed))
@@ -817,4 +830,18 @@ pub fn run_app(model: Option<PathBuf>) -> anyhow::Result<()> {
 pub fn data_dir() -> Option<PathBuf> {
     directories::ProjectDirs::from("io.github", "zipar_studio", "ZiparStudio")
         .map(|d| d.data_dir().to_path_buf())
+}
+
+/// Tooltip of the "Model defaults" button.
+fn model_defaults_hint(d: &weights::SamplingDefaults) -> String {
+    let r = d.resolve();
+    let from = if d.is_empty() {
+        "the app's defaults (the model recommends none)"
+    } else {
+        "the model's recommended settings"
+    };
+    format!(
+        "reset window, CFG and sampling to {from}: window {}, CFG {}, temperature {}, top-k {}, top-p {}",
+        r.window, r.cfg, r.temperature, r.top_k, r.top_p
+    )
 }

@@ -75,6 +75,9 @@ pub struct Settings {
     pub view: ViewMode,
     /// Folder for exports.
     pub export_dir: Option<PathBuf>,
+    /// The model folder whose recommended decoding settings were last applied; a model
+    /// loaded for the first time gets its own, later loads keep what the user set.
+    pub defaults_applied_for: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -94,6 +97,7 @@ impl Default for Settings {
             device: "cpu".into(),
             view: ViewMode::PassMap,
             export_dir: None,
+            defaults_applied_for: None,
         }
     }
 }
@@ -109,6 +113,21 @@ impl Settings {
             seed: self.seed,
             mask_unwritten: false,
         }
+    }
+
+    /// Takes a model's recommended decoding settings (window clamped to `windows`).
+    pub fn apply_defaults(
+        &mut self,
+        d: &crate::weights::SamplingDefaults,
+        windows: &std::ops::RangeInclusive<usize>,
+    ) {
+        let r = d.resolve();
+        self.cfg = r.cfg;
+        self.temperature = r.temperature;
+        self.top_k = r.top_k;
+        self.top_p = r.top_p;
+        self.window = r.window.clamp(*windows.start(), *windows.end());
+        self.greedy = false;
     }
 
     /// Where exports go by default: the user's pictures folder, else the home folder.

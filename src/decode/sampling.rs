@@ -36,6 +36,28 @@ impl Default for Sampling {
     }
 }
 
+impl std::fmt::Display for Sampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Sampling::Greedy => write!(f, "greedy"),
+            Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+            } => {
+                write!(f, "temperature {temperature}")?;
+                if top_k > 0 {
+                    write!(f, ", top-k {top_k}")?;
+                }
+                if top_p < 1.0 {
+                    write!(f, ", top-p {top_p}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Settings out of range.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SamplingError {
