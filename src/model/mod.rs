@@ -1,5 +1,6 @@
 //! The models: the [`ImageArModel`] trait that the decoder drives, and its implementations.
 
+pub mod dense;
 pub mod kv;
 pub mod llamagen;
 

@@ -4,26 +4,27 @@
 //! `VarBuilder` paths mirror the original state-dict keys exactly.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use super::config::GptConfig;
 use super::rope2d::{self, Rope2d};
+use crate::model::dense::Dense;
 use crate::model::kv::{LayerKv, slot_index};
 use crate::model::{Condition, ModelInput, PassLogits, RunOptions};
 
 #[derive(Debug)]
 struct Attention {
-    wqkv: Linear,
-    wo: Linear,
+    wqkv: Dense,
+    wo: Dense,
     n_head: usize,
     head_dim: usize,
 }
 
 #[derive(Debug)]
 struct FeedForward {
-    w1: Linear,
-    w2: Linear,
-    w3: Linear,
+    w1: Dense,
+    w2: Dense,
+    w3: Dense,
 }
 
 impl Module for FeedForward {
@@ -84,15 +85,15 @@ impl Block {
         let ffn = vb.pp("feed_forward");
         Ok(Self {
             attention: Attention {
-                wqkv: candle_nn::linear_no_bias(dim, 3 * dim, attn.pp("wqkv"))?,
-                wo: candle_nn::linear_no_bias(dim, dim, attn.pp("wo"))?,
+                wqkv: Dense::load(dim, 3 * dim, attn.pp("wqkv"))?,
+                wo: Dense::load(dim, dim, attn.pp("wo"))?,
                 n_head: cfg.n_head,
                 head_dim: cfg.head_dim(),
             },
             feed_forward: FeedForward {
-                w1: candle_nn::linear_no_bias(dim, hidden, ffn.pp("w1"))?,
-                w2: candle_nn::linear_no_bias(hidden, dim, ffn.pp("w2"))?,
-                w3: candle_nn::linear_no_bias(dim, hidden, ffn.pp("w3"))?,
+                w1: Dense::load(dim, hidden, ffn.pp("w1"))?,
+                w2: Dense::load(hidden, dim, ffn.pp("w2"))?,
+                w3: Dense::load(dim, hidden, ffn.pp("w3"))?,
             },
             attention_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("attention_norm"))?,
             ffn_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("ffn_norm"))?,
@@ -116,8 +117,8 @@ enum CondEmbedding {
     /// `cls_embedding.cap_proj` (fc1, GELU-tanh, fc2, no bias) and the learned
     /// unconditional caption `cls_embedding.uncond_embedding`.
     Caption {
-        fc1: Linear,
-        fc2: Linear,
+        fc1: Dense,
+        fc2: Dense,
         uncond: Tensor,
     },
 }
@@ -139,7 +140,7 @@ pub struct Gpt {
     cond: CondEmbedding,
     layers: Vec<Block>,
     norm: RmsNorm,
-    output: Linear,
+    output: Dense,
     rope: Rope2d,
     device: Device,
     dtype: DType,
@@ -159,8 +160,8 @@ impl Gpt {
             Some(cap) => {
                 let vb = vb.pp("cls_embedding");
                 CondEmbedding::Caption {
-                    fc1: candle_nn::linear_no_bias(cap, dim, vb.pp("cap_proj.fc1"))?,
-                    fc2: candle_nn::linear_no_bias(dim, dim, vb.pp("cap_proj.fc2"))?,
+                    fc1: Dense::load(cap, dim, vb.pp("cap_proj.fc1"))?,
+                    fc2: Dense::load(dim, dim, vb.pp("cap_proj.fc2"))?,
                     uncond: vb.get((cfg.cls_token_num, cap), "uncond_embedding")?,
                 }
             }
@@ -175,7 +176,7 @@ impl Gpt {
             cond,
             layers,
             norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("norm"))?,
-            output: candle_nn::linear_no_bias(dim, cfg.vocab_size, vb.pp("output"))?,
+            output: Dense::load(dim, cfg.vocab_size, vb.pp("output"))?,
             rope: Rope2d::new(
                 cfg.head_dim(),
                 cfg.rope_base,
