@@ -249,6 +249,22 @@ pub fn load_model(
             d
         }
     };
+    // Say what is being read when it is large enough to take a while.
+    let bytes: u64 = weights::Manifest::read(&dir)
+        .map(|m| {
+            [m.gpt_weights, m.vq_weights]
+                .iter()
+                .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+                .map(|md| md.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    if bytes > 200_000_000 {
+        eprintln!(
+            "loading {}",
+            crate::model::llamagen::load_summary(&dir, device)?
+        );
+    }
     Ok(LlamaGen::load(&dir, device)?)
 }
 

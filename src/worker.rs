@@ -97,6 +97,13 @@ pub enum Event {
         /// About the model.
         info: ModelInfo,
     },
+    /// A model load started: what is read and the memory it will take.
+    Loading {
+        /// Job id.
+        job: JobId,
+        /// One line, see [`crate::model::llamagen::load_summary`].
+        detail: String,
+    },
     /// A model could not be loaded; the previous one (if any) stays.
     ModelFailed {
         /// Job id.
@@ -155,6 +162,7 @@ impl Event {
     pub fn job(&self) -> JobId {
         match self {
             Event::ModelLoaded { job, .. }
+            | Event::Loading { job, .. }
             | Event::ModelFailed { job, .. }
             | Event::Started { job, .. }
             | Event::Pass { job, .. }
@@ -276,7 +284,7 @@ impl Worker {
                     job,
                     source,
                     device,
-                } => match self.load(&source, &device) {
+                } => match self.load(job, &source, &device) {
                     Ok(info) => self.emit(Event::ModelLoaded { job, info }),
                     Err(e) => self.emit(Event::ModelFailed {
                         job,
@@ -303,10 +311,17 @@ impl Worker {
         }
     }
 
-    fn load(&mut self, source: &ModelSource, device: &str) -> anyhow::Result<ModelInfo> {
+    fn load(
+        &mut self,
+        job: JobId,
+        source: &ModelSource,
+        device: &str,
+    ) -> anyhow::Result<ModelInfo> {
         let t0 = Instant::now();
         let dev = weights::parse_device(device)?;
         let dir = source.dir();
+        let detail = crate::model::llamagen::load_summary(&dir, &dev)?;
+        self.emit(Event::Loading { job, detail });
         let model = LlamaGen::load(&dir, &dev)?;
         let classes = match &model.manifest.classes {
             Some(f) => Some(Arc::new(ClassIndex::load(&dir.join(f))?)),

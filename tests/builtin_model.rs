@@ -32,3 +32,18 @@ fn builtin_model_loads_matches_prompts_and_generates() {
     let img = model.decode_image(&trace.tokens).expect("decodes");
     assert_eq!((img.width, img.height), (64, 64));
 }
+
+#[test]
+fn load_summary_counts_exactly_the_weights_in_the_file() {
+    let dir = zipar_studio::default_model_dir();
+    let manifest = zipar_studio::weights::Manifest::read(&dir).expect("manifest");
+    let tensors =
+        zipar_studio::weights::read_tensors(&dir.join(&manifest.gpt_weights)).expect("weights");
+    let stored: usize = tensors.values().map(|t| t.elem_count()).sum();
+    assert_eq!(manifest.gpt.num_params(), stored);
+    let summary = zipar_studio::model::llamagen::load_summary(&dir, &Device::Cpu).expect("summary");
+    let millions = format!("GPT {:.1}M parameters", stored as f64 / 1e6);
+    assert!(summary.contains(&millions), "{summary}");
+    assert!(summary.contains("as F32 on cpu"), "{summary}");
+    assert!(summary.starts_with("gpt.safetensors "), "{summary}");
+}

@@ -60,6 +60,8 @@ pub struct StudioApp {
     pub status: Option<(String, bool)>,
     /// Model load error shown next to the model picker.
     pub model_error: Option<String>,
+    /// What the model being loaded reads and takes in memory (from the worker).
+    pub loading_detail: Option<String>,
     last_matched_prompt: String,
 }
 
@@ -84,6 +86,7 @@ impl StudioApp {
             class_filter: String::new(),
             status: None,
             model_error: None,
+            loading_detail: None,
             last_matched_prompt: String::new(),
         };
         let source = match &app.settings.model_dir {
@@ -121,6 +124,7 @@ impl StudioApp {
         let job = self.job();
         self.model_error = None;
         self.model = ModelState::Loading(job);
+        self.loading_detail = None;
         self.worker.send(Command::LoadModel {
             job,
             source,
@@ -236,6 +240,12 @@ impl StudioApp {
                     self.last_matched_prompt.clear();
                 }
             }
+            Event::Loading { detail, .. } => {
+                if matches!(self.model, ModelState::Loading(j) if j == job) {
+                    self.status = Some((format!("loading {detail}"), false));
+                    self.loading_detail = Some(detail);
+                }
+            }
             Event::ModelFailed { error, .. } => {
                 if matches!(self.model, ModelState::Loading(j) if j == job) {
                     self.model_error = Some(error.clone());
@@ -273,7 +283,9 @@ impl StudioApp {
                         run.status = RunStatus::Failed(error.clone());
                         self.status = Some((error, true));
                     }
-                    Event::ModelLoaded { .. } | Event::ModelFailed { .. } => {}
+                    Event::ModelLoaded { .. }
+                    | Event::Loading { .. }
+                    | Event::ModelFailed { .. } => {}
                 }
             }
         }
@@ -530,10 +542,18 @@ impl StudioApp {
         ui.heading("Model");
         let name = match &self.model {
             ModelState::Ready(i) => format!("{} ({}x{} tokens)", i.name, i.grid.0, i.grid.1),
-            ModelState::Loading(_) => "loading…".into(),
+            ModelState::Loading(_) => match &self.loading_detail {
+                Some(d) => format!("loading {d}…"),
+                None => "loading…".into(),
+            },
             ModelState::Missing(_) => "none".into(),
         };
-        ui.label(name);
+        ui.horizontal(|ui| {
+            if matches!(self.model, ModelState::Loading(_)) {
+                ui.spinner();
+            }
+            ui.label(name);
+        });
         ui.horizontal(|ui| {
             if ui.button("Built-in").clicked() {
                 self.settings.model_dir = None;

@@ -89,6 +89,19 @@ impl GptConfig {
         })
     }
 
+    /// Number of weights the GPT loads (the state-dict entries the app reads): token and
+    /// condition embeddings, the blocks, the final norm and the output head. Used for the
+    /// memory estimate shown while a model loads.
+    pub fn num_params(&self) -> usize {
+        let (d, f) = (self.dim, self.ffn_hidden());
+        let cond = match self.caption_dim {
+            None => (self.num_classes + 1) * d,
+            Some(c) => c * d + d * d + self.cls_token_num * c,
+        };
+        let block = d * 3 * d + d * d + 3 * d * f + 2 * d;
+        self.vocab_size * d + cond + self.n_layer * block + d + d * self.vocab_size
+    }
+
     /// Checks the sizes fit together.
     pub fn validate(&self) -> Result<(), String> {
         if self.dim == 0 || self.n_head == 0 || self.n_layer == 0 || self.vocab_size == 0 {
@@ -209,5 +222,15 @@ mod tests {
             .collect();
         assert_eq!(widths, vec![2048, 2816, 3584, 4096, 8704]);
         assert_eq!(GptConfig::preset("GPT-3B").unwrap().head_dim(), 100);
+    }
+
+    #[test]
+    fn parameter_count_matches_the_published_sizes() {
+        // LlamaGen's README: GPT-B 111M, GPT-L 343M, GPT-XL 775M (c2i, 1000 classes, 16384
+        // codes).
+        for (name, millions) in [("GPT-B", 111.0), ("GPT-L", 343.0), ("GPT-XL", 775.0)] {
+            let n = GptConfig::preset(name).unwrap().num_params() as f64 / 1e6;
+            assert!((n - millions).abs() / millions < 0.01, "{name}: {n:.1}M");
+        }
     }
 }

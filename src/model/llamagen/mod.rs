@@ -32,15 +32,68 @@ pub struct LlamaGen {
     vq: Arc<VqDecoder>,
 }
 
+/// The GPT's compute type: f32 on the CPU, bf16 on CUDA, f16 on Metal.
+pub fn gpt_dtype(device: &Device) -> DType {
+    match device {
+        Device::Cpu => DType::F32,
+        Device::Cuda(_) => DType::BF16,
+        Device::Metal(_) => DType::F16,
+    }
+}
+
+/// What loading `dir` onto `device` will read and roughly take in memory, for the progress
+/// message shown while large weights load: "gpt.safetensors 1.4 GB + vq.safetensors 288 MB:
+/// GPT 343M parameters, about 686 MB as bf16 on cuda".
+pub fn load_summary(dir: &Path, device: &Device) -> Result<String, WeightsError> {
+    let m = Manifest::read(dir)?;
+    let size = |f: &str| {
+        let bytes = std::fs::metadata(dir.join(f))
+            .map(|md| md.len())
+            .unwrap_or(0);
+        format!("{f} {}", human_bytes(bytes as f64))
+    };
+    let dtype = gpt_dtype(device);
+    let params = m.gpt.num_params();
+    Ok(format!(
+        "{} + {}: GPT {:.1}M parameters, about {} as {:?} on {}",
+        size(&m.gpt_weights),
+        size(&m.vq_weights),
+        params as f64 / 1e6,
+        human_bytes((params * dtype.size_in_bytes()) as f64),
+        dtype,
+        device_name(device),
+    ))
+}
+
+fn device_name(d: &Device) -> &'static str {
+    match d {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        Device::Metal(_) => "metal",
+    }
+}
+
+/// 1234567 -> "1.2 MB".
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 4] = ["B", "KB", "MB", "GB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < UNITS.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", UNITS[i])
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
 impl LlamaGen {
-    /// Loads the model directory `dir` onto `device` (f32 on the CPU, f16 elsewhere).
+    /// Loads the model directory `dir` onto `device` (GPT in [`gpt_dtype`], VQ in f32).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, WeightsError> {
         let manifest = Manifest::read(dir)?;
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
+        let dtype = gpt_dtype(device);
         let gpt_path = dir.join(&manifest.gpt_weights);
         let vb = weights::var_builder(&gpt_path, dtype, device)?;
         let gpt = Gpt::load(&manifest.gpt, manifest.grid_h, manifest.grid_w, vb)
