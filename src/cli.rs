@@ -159,9 +159,11 @@ pub struct GenerateArgs {
     /// Take the most likely token instead of sampling.
     #[arg(long)]
     pub greedy: bool,
-    /// Hide never-written cache slots from attention (the official code does not).
-    #[arg(long)]
-    pub mask_unwritten: bool,
+    /// Hide never-written cache slots from attention (the official code does not);
+    /// `--mask-unwritten=false` to turn off a model's recommendation [default: the model's,
+    /// else false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub mask_unwritten: Option<bool>,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -195,7 +197,7 @@ impl GenerateArgs {
                 self.top_p.unwrap_or(defaults.top_p),
             ),
             seed: self.seed,
-            mask_unwritten: self.mask_unwritten,
+            mask_unwritten: self.mask_unwritten.unwrap_or(defaults.mask_unwritten),
         }
     }
 }
@@ -323,6 +325,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let base = GenerateParams {
         cfg_scale: args.cfg.unwrap_or(d.cfg),
         sampling: Sampling::from_flags(false, d.temperature, d.top_k, d.top_p),
+        mask_unwritten: d.mask_unwritten,
         ..GenerateParams::default()
     };
     crate::decode::sampling::validate_cfg(base.cfg_scale)?;
@@ -362,6 +365,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let base = GenerateParams {
         cfg_scale: args.cfg.unwrap_or(d.cfg),
         sampling: Sampling::from_flags(args.greedy, d.temperature, d.top_k, d.top_p),
+        mask_unwritten: d.mask_unwritten,
         ..GenerateParams::default()
     };
     crate::decode::sampling::validate_cfg(base.cfg_scale)?;

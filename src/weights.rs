@@ -111,6 +111,9 @@ pub struct SamplingDefaults {
     /// ZipAR window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<usize>,
+    /// Hide never-written cache slots from attention (for models trained that way).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_unwritten: Option<bool>,
 }
 
 impl SamplingDefaults {
@@ -121,6 +124,7 @@ impl SamplingDefaults {
         top_k: 0,
         top_p: 1.0,
         window: 4,
+        mask_unwritten: false,
     };
 
     /// Whether the model recommends nothing.
@@ -137,6 +141,7 @@ impl SamplingDefaults {
             top_k: self.top_k.unwrap_or(f.top_k),
             top_p: self.top_p.unwrap_or(f.top_p),
             window: self.window.unwrap_or(f.window),
+            mask_unwritten: self.mask_unwritten.unwrap_or(f.mask_unwritten),
         }
     }
 }
@@ -154,6 +159,8 @@ pub struct ResolvedDefaults {
     pub top_p: f32,
     /// ZipAR window.
     pub window: usize,
+    /// Hide never-written cache slots from attention.
+    pub mask_unwritten: bool,
 }
 
 impl Manifest {

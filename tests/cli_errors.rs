@@ -243,3 +243,49 @@ fn recommended_defaults_out_of_range_are_refused() {
     let d = model_with_defaults(serde_json::json!({"cfg_scale": 2.0}));
     expect_error(d.path(), &[], "unknown field `cfg_scale`");
 }
+
+/// Tokens of a `generate` run (greedy ZipAR-2, class 4) on `model` with `extra` flags.
+fn tokens_of(model: &Path, extra: &[&str]) -> Vec<u64> {
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("a.png");
+    let trace = out.path().join("t.json");
+    let base = [
+        "generate", "--class", "4", "--mode", "zipar", "--window", "2", "--greedy", "--quiet",
+    ];
+    let paths = [
+        "--model",
+        model.to_str().expect("utf8"),
+        "--out",
+        png.to_str().expect("utf8"),
+        "--trace",
+        trace.to_str().expect("utf8"),
+    ];
+    let (code, _, stderr) = run(&[&base[..], &paths[..], extra].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
+    t["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|v| v.as_u64().expect("token"))
+        .collect()
+}
+
+#[test]
+fn a_models_mask_unwritten_recommendation_applies_and_can_be_turned_off() {
+    let plain = fixture("tiny");
+    let masked = model_with_defaults(serde_json::json!({"mask_unwritten": true}));
+    let with_flag = tokens_of(&plain, &["--mask-unwritten"]);
+    let without = tokens_of(&plain, &[]);
+    assert_eq!(tokens_of(masked.path(), &[]), with_flag);
+    assert_eq!(
+        tokens_of(masked.path(), &["--mask-unwritten=false"]),
+        without
+    );
+    // Otherwise the checks above could not tell the two apart.
+    assert_ne!(
+        with_flag, without,
+        "masking should change some greedy tokens here"
+    );
+}

@@ -18,6 +18,9 @@ from train_vq import VQ_ARGS
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "assets", "models", "emoji")
 CKPT = os.path.join(HERE, "checkpoints")
+# Decoding settings recommended for the built-in model (chosen with match_check.py; see
+# training/README.md): the app and the CLI start from these.
+DEFAULTS = {"cfg": 1.0}
 
 
 def main():
@@ -25,6 +28,8 @@ def main():
     ap.add_argument("--gpt", default=os.path.join(HERE, "runs", "gpt"))
     ap.add_argument("--vq", default=os.path.join(HERE, "runs", "vq"))
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--defaults", default=json.dumps(DEFAULTS),
+                    help="decoding settings the app starts from (config.json \"defaults\")")
     args = ap.parse_args()
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -66,6 +71,7 @@ def main():
             "num_res_blocks": VQ_ARGS.num_res_blocks,
             "norm_groups": VQ_ARGS.norm_groups,
         },
+        "defaults": json.loads(args.defaults),
         "training": {"gpt_steps": gpt["step"], "vq_steps": vq["step"]},
     }
     with open(os.path.join(out, "config.json"), "w") as f:

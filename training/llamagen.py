@@ -108,9 +108,8 @@ class Attention(nn.Module):
             self.cache_k[:, :, slots] = k
             self.cache_v[:, :, slots] = v
             k, v = self.cache_k, self.cache_v
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # without a cache: raster-causal, or a training context mask [B, 1, s, s]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(b, s, a.dim))
 
 
@@ -197,15 +196,17 @@ class Gpt(nn.Module):
         return torch.zeros_like(cond) + self.cls_embedding.uncond_embedding
 
     # -- training / teacher forcing: the whole raster sequence at once, causal ------------
-    def forward(self, cond, tokens, drop_prob: float = 0.0):
+    def forward(self, cond, tokens, drop_prob: float = 0.0, mask=None):
         """cond: labels [B] or captions [B, T, C]; tokens: [B, n] (n <= h*w - 1 for
-        prediction of n + 1 cells). Returns logits [B, n + 1, vocab] predicting cells 0..n."""
+        prediction of n + 1 cells). Returns logits [B, n + 1, vocab] predicting cells 0..n.
+        mask: optional boolean attention mask [B, 1, T + n, T + n] (True = may attend) in
+        place of the raster-causal one."""
         t = self.args.cls_token_num
         c = self.cls_embedding(cond, drop_prob)[:, :t]
         x = torch.cat([c, self.tok_embeddings(tokens)], dim=1)
         table = self.rope[: x.shape[1]]
         for layer in self.layers:
-            x = layer(x, table)
+            x = layer(x, table, mask=mask)
         return self.output(self.norm(x)).float()[:, t - 1 :]
 
     # -- inference with the slot-indexed cache ------------------------------------------

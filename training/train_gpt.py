@@ -22,6 +22,36 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "..", "assets", "models", "emoji")
 
 
+def zipar_context(s: int, h: int, w: int) -> torch.Tensor:
+    """The context a c2i query has when ZipAR with window s decodes it (DESIGN.md section 2):
+    [L, L] booleans over the teacher-forcing sequence (position 0: the class; position p >= 1
+    holds cell p - 1 and predicts cell p). Rows 0 and 1 are plain raster order; from row 2 on,
+    the rows run s columns apart, so when cell (r, c) is predicted row r - j (j >= 1, row >= 1)
+    has its columns up to c + j*s - 1 written; row 0 is complete. The last slot of every row
+    above is visible too: it holds the auxiliary token the next row started from (later the
+    real token)."""
+    n = h * w
+    p = torch.arange(n)  # query position = predicted cell
+    allowed = p[None, :] <= p[:, None]
+    r, c = (p // w)[:, None], (p % w)[:, None]
+    key_cell = (p - 1)[None, :]
+    kr, kc = key_cell // w, key_cell % w
+    lag = r - kr  # rows above the query's row
+    above = (r >= 2) & (kr >= 1) & (lag >= 1) & (p[None, :] >= 1)
+    hidden = above & (kc > c + lag * s - 1) & (kc != w - 1)
+    return allowed & ~hidden
+
+
+def aux_inputs(x: torch.Tensor, s: int, h: int, w: int) -> torch.Tensor:
+    """Input tokens [B, n-1] with each row start (r >= 2) fed ZipAR's auxiliary token (the latest
+    token of row r - 2 when row r starts) in place of the last token of row r - 1."""
+    out = x.clone()
+    for r in range(2, h):
+        col = w - 1 if r == 2 else min(w, 2 * s) - 1
+        out[:, r * w - 1] = x[:, (r - 2) * w + col]
+    return out
+
+
 def gpt_args(num_classes: int) -> GptArgs:
     return GptArgs(dim=256, n_layer=4, n_head=4, vocab_size=VQ_ARGS.codebook_size,
                    num_classes=num_classes, grid_h=16, grid_w=16)
@@ -37,6 +67,26 @@ def encode_all(vq_ckpt: str, device) -> torch.Tensor:
     return torch.cat(codes).flatten(1).cpu()  # [N, 256] raster order
 
 
+def augment(inp, contexts, args, gen, ga):
+    """Per sample: a ZipAR context (mask + auxiliary row-start tokens) with probability
+    zipar_frac, else raster-causal; then random-code corruption of the inputs."""
+    b, n = inp.shape[0], inp.shape[1] + 1
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device=inp.device))
+    masks, rows = [], []
+    for i in range(b):
+        if torch.rand(1, generator=gen).item() < args.zipar_frac:
+            s = int(torch.randint(2, 9, (1,), generator=gen))
+            masks.append(contexts[s])
+            rows.append(aux_inputs(inp[i : i + 1], s, ga.grid_h, ga.grid_w))
+        else:
+            masks.append(causal)
+            rows.append(inp[i : i + 1])
+    inp = torch.cat(rows)
+    noise = torch.rand(inp.shape, generator=gen).to(inp.device) < args.corrupt
+    rand = torch.randint(0, ga.vocab_size, inp.shape, generator=gen).to(inp.device)
+    return torch.where(noise, rand, inp), torch.stack(masks)[:, None]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60)
@@ -44,6 +94,15 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    # Robustness augmentation, on from --aug-from (the shipped model: steps 2200 onwards).
+    # A memorising model trained in raster order alone reproduces its image under greedy
+    # raster decoding but falls apart once a sampled token or a ZipAR context (rows started
+    # before the row above is complete) takes it off the training path.
+    ap.add_argument("--aug-from", type=int, default=2200)
+    ap.add_argument("--zipar-frac", type=float, default=0.5, help="share of samples trained "
+                    "under a ZipAR context (window 2..8) instead of the raster-causal one")
+    ap.add_argument("--corrupt", type=float, default=0.05, help="share of input tokens "
+                    "replaced by random codes (targets unchanged)")
     ap.add_argument("--vq", default=os.path.join(HERE, "runs", "vq", "last.pt"))
     ap.add_argument("--out", default=os.path.join(HERE, "runs", "gpt"))
     args = ap.parse_args()
@@ -90,6 +149,7 @@ def main():
         model.load_state_dict(sd)
         step = json.load(open(os.path.join(ASSETS, "config.json")))["training"]["gpt_steps"]
         print(f"resumed weights only at step {step}")
+    contexts = {s: zipar_context(s, ga.grid_h, ga.grid_w).to(device) for s in range(2, 9)}
     log = open(os.path.join(args.out, "log.csv"), "a")
     t0 = time.time()
     gen = torch.Generator().manual_seed(step)
@@ -101,7 +161,10 @@ def main():
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        logits = model(y, x[:, :-1], drop_prob=0.1)
+        inp, mask = x[:, :-1], None
+        if step >= args.aug_from:
+            inp, mask = augment(inp, contexts, args, gen, ga)
+        logits = model(y, inp, drop_prob=0.1, mask=mask)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -615,6 +615,11 @@ impl StudioApp {
         ));
         ui.add(egui::Slider::new(&mut self.settings.cfg, 0.0..=10.0).text("CFG scale"));
         ui.checkbox(&mut self.settings.greedy, "Greedy (most likely token)");
+        ui.checkbox(&mut self.settings.mask_unwritten, "Hide unwritten slots")
+            .on_hover_text(
+                "attention skips cache slots no token was written to yet; the official code \
+                 attends to them as zeros",
+            );
         ui.add_enabled_ui(!self.settings.greedy, |ui| {
             ui.add(
                 egui::Slider::new(&mut self.settings.temperature, 0.05..=3.0).text("temperature"),
@@ -861,7 +866,7 @@ fn model_defaults_hint(d: &weights::SamplingDefaults) -> String {
         "the model's recommended settings"
     };
     format!(
-        "reset window, CFG and sampling to {from}: window {}, CFG {}, temperature {}, top-k {}, top-p {}",
-        r.window, r.cfg, r.temperature, r.top_k, r.top_p
+        "reset window, CFG and sampling to {from}: window {}, CFG {}, temperature {}, top-k {}, top-p {}, hide unwritten slots {}",
+        r.window, r.cfg, r.temperature, r.top_k, r.top_p, r.mask_unwritten
     )
 }

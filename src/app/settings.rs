@@ -67,6 +67,8 @@ pub struct Settings {
     pub seed: u64,
     /// Greedy decoding.
     pub greedy: bool,
+    /// Hide never-written cache slots from attention.
+    pub mask_unwritten: bool,
     /// Model folder; `None` = the built-in model.
     pub model_dir: Option<PathBuf>,
     /// Device name.
@@ -93,6 +95,7 @@ impl Default for Settings {
             top_p: 1.0,
             seed: 0,
             greedy: false,
+            mask_unwritten: false,
             model_dir: None,
             device: "cpu".into(),
             view: ViewMode::PassMap,
@@ -111,7 +114,7 @@ impl Settings {
             cfg_scale: self.cfg,
             sampling: Sampling::from_flags(self.greedy, self.temperature, self.top_k, self.top_p),
             seed: self.seed,
-            mask_unwritten: false,
+            mask_unwritten: self.mask_unwritten,
         }
     }
 
@@ -127,6 +130,7 @@ impl Settings {
         self.top_k = r.top_k;
         self.top_p = r.top_p;
         self.window = r.window.clamp(*windows.start(), *windows.end());
+        self.mask_unwritten = r.mask_unwritten;
         self.greedy = false;
     }
 
