@@ -72,6 +72,16 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The words as typed: lower case, stop words dropped, no stemming.
+fn raw_words(text: &str) -> String {
+    let lower = text.to_lowercase();
+    let kept: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty() && !STOP_WORDS.contains(w))
+        .collect();
+    kept.join(" ")
+}
+
 fn stem(w: &str) -> String {
     if w.len() > 4 && w.ends_with("es") && !w.ends_with("ses") {
         w[..w.len() - 2].to_string()
@@ -157,12 +167,20 @@ impl ClassIndex {
             return Vec::new();
         }
         let joined = p.join(" ");
+        let raw = raw_words(prompt);
         let mut scored: Vec<(f32, MatchKind, usize)> = Vec::with_capacity(self.classes.len());
         for (i, c) in self.classes.iter().enumerate() {
+            // Exact as typed beats exact after stemming ("house" is the short name of
+            // "house building" and, stemmed, also the name "houses").
+            let as_typed = |t: &str| raw_words(t) == raw;
+            if as_typed(&c.name) || c.short_names.iter().any(|s| as_typed(s)) {
+                scored.push((1.0, MatchKind::Exact, i));
+                continue;
+            }
             let exact = words(&c.name).join(" ") == joined
                 || c.short_names.iter().any(|s| words(s).join(" ") == joined);
             if exact {
-                scored.push((1.0, MatchKind::Exact, i));
+                scored.push((0.995, MatchKind::Exact, i));
                 continue;
             }
             let names = &self.names[i];
@@ -189,9 +207,18 @@ impl ClassIndex {
                 scored.push((fuzzy * 0.6, MatchKind::Fuzzy, i));
             }
         }
-        // Best score first; on ties the shorter (more generic) name, then the lower id.
+        // Exact matches, then matches sharing a word with a name, then the rest (keyword
+        // and spelling matches) by score; on ties the shorter (more generic) name, then the
+        // lower id.
+        let tier = |kind: MatchKind, i: usize| match kind {
+            MatchKind::Exact => 2,
+            MatchKind::Words if p.iter().any(|w| self.names[i].contains(w)) => 1,
+            _ => 0,
+        };
         scored.sort_by(|a, b| {
-            b.0.total_cmp(&a.0)
+            tier(b.1, b.2)
+                .cmp(&tier(a.1, a.2))
+                .then(b.0.total_cmp(&a.0))
                 .then(
                     self.classes[a.2]
                         .name
@@ -250,6 +277,31 @@ mod tests {
         assert_eq!(m.id, 4);
         assert_eq!(index().best("smiling grinning face").unwrap().id, 5);
         assert_eq!(index().best("apples").unwrap().id, 1);
+    }
+
+    #[test]
+    fn emoji_names_that_stem_alike_or_look_alike() {
+        let c = |id, name: &str, short: &str| ClassInfo {
+            id,
+            name: name.into(),
+            short_names: vec![short.into()],
+            keywords: vec!["places".into()],
+        };
+        let index = ClassIndex::new(vec![
+            c(699, "evergreen tree", "evergreen_tree"),
+            c(868, "houses", "house_buildings"),
+            c(870, "house building", "house"),
+            c(1033, "white medium star", "star"),
+            c(1035, "shooting star", "stars"),
+            c(1555, "keycap 3", "three"),
+        ]);
+        // Exact as typed beats exact after stemming.
+        assert_eq!(index.best("house").unwrap().id, 870);
+        assert_eq!(index.best("houses").unwrap().id, 868);
+        assert_eq!(index.best("star").unwrap().id, 1033);
+        // A shared word beats a close spelling ("tree" / "three").
+        let m = index.best("tree").unwrap();
+        assert_eq!((m.id, m.kind), (699, MatchKind::Words));
     }
 
     #[test]
