@@ -542,10 +542,7 @@ impl StudioApp {
         ui.heading("Model");
         let name = match &self.model {
             ModelState::Ready(i) => format!("{} ({}x{} tokens)", i.name, i.grid.0, i.grid.1),
-            ModelState::Loading(_) => match &self.loading_detail {
-                Some(d) => format!("loading {d}…"),
-                None => "loading…".into(),
-            },
+            ModelState::Loading(_) => "loading…".into(),
             ModelState::Missing(_) => "none".into(),
         };
         ui.horizontal(|ui| {
@@ -554,6 +551,10 @@ impl StudioApp {
             }
             ui.label(name);
         });
+        if let (ModelState::Loading(_), Some(d)) = (&self.model, &self.loading_detail) {
+            // wraps within the panel: the detail line can be long
+            ui.add(egui::Label::new(egui::RichText::new(d).small().weak()).wrap());
+        }
         ui.horizontal(|ui| {
             if ui.button("Built-in").clicked() {
                 self.settings.model_dir = None;
