@@ -47,3 +47,57 @@ fn load_summary_counts_exactly_the_weights_in_the_file() {
     assert!(summary.contains("as F32 on cpu"), "{summary}");
     assert!(summary.starts_with("gpt.safetensors "), "{summary}");
 }
+
+/// The shipped weights decode to the same greedy tokens as the PyTorch reference
+/// (training/builtin_reference.py, run on the same f16 weights): NTP and ZipAR, with and
+/// without CFG and masking of unwritten slots.
+#[test]
+fn builtin_model_matches_the_pytorch_reference_token_for_token() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builtin_greedy.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    let dir = zipar_studio::default_model_dir();
+    let mut model = LlamaGen::load(&dir, &Device::Cpu).expect("built-in model loads");
+    for case in reference["cases"].as_array().expect("cases") {
+        let window = case["window"].as_u64().map(|w| w as usize);
+        let params = GenerateParams {
+            mode: if window.is_some() {
+                Mode::Zipar
+            } else {
+                Mode::Ntp
+            },
+            window: window.unwrap_or(16),
+            cfg_scale: case["cfg"].as_f64().expect("cfg") as f32,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            mask_unwritten: case["mask_unwritten"].as_bool().expect("mask"),
+        };
+        let class = case["class"].as_u64().expect("class") as u32;
+        let trace = generate(&mut model, &Condition::Class(class), &params, &mut |_| {
+            Flow::Continue
+        })
+        .expect("generates");
+        let want: Vec<u32> = case["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.as_u64().expect("token") as u32)
+            .collect();
+        let same = trace
+            .tokens
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a == b)
+            .count();
+        assert_eq!(
+            (trace.tokens.len(), same, trace.passes as u64),
+            (
+                want.len(),
+                want.len(),
+                case["passes"].as_u64().expect("passes")
+            ),
+            "case {case:?}"
+        );
+    }
+}
