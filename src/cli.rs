@@ -252,20 +252,9 @@ pub fn load_model(
         }
     };
     // Say what is being read when it is large enough to take a while.
-    let bytes: u64 = weights::Manifest::read(&dir)
-        .map(|m| {
-            [m.gpt_weights, m.vq_weights]
-                .iter()
-                .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-                .map(|md| md.len())
-                .sum()
-        })
-        .unwrap_or(0);
-    if bytes > 200_000_000 {
-        eprintln!(
-            "loading {}",
-            crate::model::llamagen::load_summary(&dir, device)?
-        );
+    let summary = crate::model::llamagen::load_summary(&dir, device)?;
+    if summary.weight_bytes > 200_000_000 {
+        eprintln!("loading {}", summary.text);
     }
     Ok(LlamaGen::load(&dir, device)?)
 }
@@ -298,6 +287,20 @@ fn settings_list(
     Ok(settings)
 }
 
+/// The decoding settings `bench` and `eval` start from: the model's recommendations, with
+/// the CFG scale and greedy decoding as asked.
+fn base_params(model: &LlamaGen, cfg: Option<f32>, greedy: bool) -> anyhow::Result<GenerateParams> {
+    let d = model.manifest.defaults.resolve();
+    let base = GenerateParams {
+        cfg_scale: cfg.unwrap_or(d.cfg),
+        sampling: Sampling::from_flags(greedy, d.temperature, d.top_k, d.top_p),
+        mask_unwritten: d.mask_unwritten,
+        ..GenerateParams::default()
+    };
+    crate::decode::sampling::validate_cfg(base.cfg_scale)?;
+    Ok(base)
+}
+
 /// Peak resident set size of this process (Linux).
 fn peak_rss_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -321,14 +324,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
     let settings = settings_list(&model, &args.windows, &args.adaptive)?;
     let seeds: Vec<u64> = (0..args.samples.max(1)).collect();
-    let d = model.manifest.defaults.resolve();
-    let base = GenerateParams {
-        cfg_scale: args.cfg.unwrap_or(d.cfg),
-        sampling: Sampling::from_flags(false, d.temperature, d.top_k, d.top_p),
-        mask_unwritten: d.mask_unwritten,
-        ..GenerateParams::default()
-    };
-    crate::decode::sampling::validate_cfg(base.cfg_scale)?;
+    let base = base_params(&model, args.cfg, false)?;
     let results = crate::eval::run_eval(&mut model, &conds, base, &settings, &seeds)?;
     println!(
         "{} samples per setting ({} classes x {} seeds), {}, cfg {}",
@@ -361,14 +357,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         conds.push(Condition::Class(0));
     }
     let settings = settings_list(&model, &args.windows, &args.adaptive)?;
-    let d = model.manifest.defaults.resolve();
-    let base = GenerateParams {
-        cfg_scale: args.cfg.unwrap_or(d.cfg),
-        sampling: Sampling::from_flags(args.greedy, d.temperature, d.top_k, d.top_p),
-        mask_unwritten: d.mask_unwritten,
-        ..GenerateParams::default()
-    };
-    crate::decode::sampling::validate_cfg(base.cfg_scale)?;
+    let base = base_params(&model, args.cfg, args.greedy)?;
     let results = bench::run_bench(&mut model, &conds, base, &settings, &args.seeds)?;
     println!(
         "{} images per setting ({} conditions x {} seeds), device {}, {}, cfg {}",

@@ -320,7 +320,7 @@ impl Worker {
         let t0 = Instant::now();
         let dev = weights::parse_device(device)?;
         let dir = source.dir();
-        let detail = crate::model::llamagen::load_summary(&dir, &dev)?;
+        let detail = crate::model::llamagen::load_summary(&dir, &dev)?.text;
         self.emit(Event::Loading { job, detail });
         let model = LlamaGen::load(&dir, &dev)?;
         let classes = match &model.manifest.classes {

@@ -41,7 +41,9 @@ fn load_summary_counts_exactly_the_weights_in_the_file() {
         zipar_studio::weights::read_tensors(&dir.join(&manifest.gpt_weights)).expect("weights");
     let stored: usize = tensors.values().map(|t| t.elem_count()).sum();
     assert_eq!(manifest.gpt.num_params(), stored);
-    let summary = zipar_studio::model::llamagen::load_summary(&dir, &Device::Cpu).expect("summary");
+    let summary = zipar_studio::model::llamagen::load_summary(&dir, &Device::Cpu)
+        .expect("summary")
+        .text;
     let millions = format!("GPT {:.1}M parameters", stored as f64 / 1e6);
     assert!(summary.contains(&millions), "{summary}");
     assert!(summary.contains("as F32 on cpu"), "{summary}");

@@ -41,28 +41,38 @@ pub fn gpt_dtype(device: &Device) -> DType {
     }
 }
 
-/// What loading `dir` onto `device` will read and roughly take in memory, for the progress
-/// message shown while large weights load: "gpt.safetensors 1.4 GB + vq.safetensors 288 MB:
-/// GPT 343M parameters, about 686 MB as bf16 on cuda".
-pub fn load_summary(dir: &Path, device: &Device) -> Result<String, WeightsError> {
+/// What loading a model folder will read and roughly take in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadSummary {
+    /// Size of the GPT and VQ weight files together.
+    pub weight_bytes: u64,
+    /// One line for the user: "gpt.safetensors 1.4 GB + vq.safetensors 288 MB: GPT 343.2M
+    /// parameters, about 686.4 MB as BF16 on cuda".
+    pub text: String,
+}
+
+/// The [`LoadSummary`] of loading `dir` onto `device`.
+pub fn load_summary(dir: &Path, device: &Device) -> Result<LoadSummary, WeightsError> {
     let m = Manifest::read(dir)?;
-    let size = |f: &str| {
-        let bytes = std::fs::metadata(dir.join(f))
-            .map(|md| md.len())
-            .unwrap_or(0);
-        format!("{f} {}", human_bytes(bytes as f64))
-    };
+    let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |md| md.len());
+    let (gpt_bytes, vq_bytes) = (size(&m.gpt_weights), size(&m.vq_weights));
     let dtype = gpt_dtype(device);
     let params = m.gpt.num_params();
-    Ok(format!(
-        "{} + {}: GPT {:.1}M parameters, about {} as {:?} on {}",
-        size(&m.gpt_weights),
-        size(&m.vq_weights),
+    let text = format!(
+        "{} {} + {} {}: GPT {:.1}M parameters, about {} as {:?} on {}",
+        m.gpt_weights,
+        human_bytes(gpt_bytes as f64),
+        m.vq_weights,
+        human_bytes(vq_bytes as f64),
         params as f64 / 1e6,
         human_bytes((params * dtype.size_in_bytes()) as f64),
         dtype,
         device_name(device),
-    ))
+    );
+    Ok(LoadSummary {
+        weight_bytes: gpt_bytes + vq_bytes,
+        text,
+    })
 }
 
 fn device_name(d: &Device) -> &'static str {
