@@ -45,7 +45,8 @@ pub struct EvalArgs {
     /// Model folder; the built-in model when absent.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Class ids (comma separated); default: 8 classes spread over the model's range.
+    /// Class ids (comma separated); default: the classifier's eval subset when the model
+    /// ships a classifier, else 8 classes spread over the model's range.
     #[arg(long, value_delimiter = ',')]
     pub class: Vec<u32>,
     /// Fixed-window ZipAR windows (comma separated).
@@ -54,9 +55,9 @@ pub struct EvalArgs {
     /// Adaptive minimum windows (comma separated; `--adaptive` alone for none).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "2,4")]
     pub adaptive: Vec<usize>,
-    /// Samples (seeds 0..N) per class.
-    #[arg(long, default_value_t = 2)]
-    pub samples: u64,
+    /// Samples (seeds 0..N) per class [default: 1 with a classifier's subset, else 2].
+    #[arg(long)]
+    pub samples: Option<u64>,
     /// Classifier-free guidance scale (also used for scoring); default: the model's.
     #[arg(long)]
     pub cfg: Option<f32>,
@@ -315,17 +316,41 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     }
     let device = weights::parse_device(&args.device)?;
     let mut model = load_model(args.model.as_deref(), &device)?;
+    let classifier = match &model.manifest.classifier {
+        Some(f) => Some(crate::model::classifier::Classifier::load(
+            &model.dir.join(f),
+            &device,
+        )?),
+        None => None,
+    };
     let n = model.manifest.gpt.num_classes.max(1) as u32;
-    let classes: Vec<u32> = if args.class.is_empty() {
-        (0..8u32).map(|i| (i * n / 8).min(n - 1)).collect()
-    } else {
-        args.class.clone()
+    let classes: Vec<u32> = match (&classifier, args.class.is_empty()) {
+        (_, false) => args.class.clone(),
+        (Some(c), true) => (0..n).step_by(c.class_stride.max(1) as usize).collect(),
+        (None, true) => (0..8u32).map(|i| (i * n / 8).min(n - 1)).collect(),
     };
     let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
     let settings = settings_list(&model, &args.windows, &args.adaptive)?;
-    let seeds: Vec<u64> = (0..args.samples.max(1)).collect();
+    let samples = args
+        .samples
+        .unwrap_or(if classifier.is_some() { 1 } else { 2 });
+    let seeds: Vec<u64> = (0..samples.max(1)).collect();
     let base = base_params(&model, args.cfg, false)?;
-    let results = crate::eval::run_eval(&mut model, &conds, base, &settings, &seeds)?;
+    let bar = indicatif::ProgressBar::new((conds.len() * seeds.len() * settings.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let results = crate::eval::run_eval(
+        &mut model,
+        &conds,
+        base,
+        &settings,
+        &seeds,
+        classifier.as_ref(),
+        &mut || bar.inc(1),
+    )?;
+    bar.finish_and_clear();
     println!(
         "{} samples per setting ({} classes x {} seeds), {}, cfg {}",
         conds.len() * seeds.len(),
@@ -334,6 +359,14 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         base.sampling,
         base.cfg_scale
     );
+    match &classifier {
+        Some(c) => println!(
+            "image-space scores by the model's classifier (held-out top-1 of the classifier on real images: {}); Frechet distance to the real images of every {}th class",
+            c.heldout_top1.map_or("unknown".into(), |a| format!("{a:.3}")),
+            c.class_stride
+        ),
+        None => println!("this model ships no classifier: no image-space scores"),
+    }
     print!("{}", crate::eval::table(&results));
     if let Some(j) = &args.json {
         std::fs::write(j, serde_json::to_string_pretty(&results)?)

@@ -5,13 +5,19 @@
 //! NLL gap measures what that missing context costs. Code-usage entropy (bits, per image) is
 //! reported beside it as a simple image-space statistic: collapsed or repetitive images use
 //! fewer distinct codes.
+//!
+//! When the model ships an image classifier ([`Classifier`]), every sample is also decoded to
+//! pixels and scored in image space: top-1 / top-5 accuracy against the conditioning class,
+//! and the Frechet distance between the classifier features of the samples and those of the
+//! real images (the paper's FID-vs-window table, on this model).
 
 use serde::Serialize;
 
 use crate::bench::Setting;
 use crate::decode::sampling::{cfg_combine, softmax};
 use crate::decode::{Flow, GenerateParams, generate};
-use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions};
+use crate::model::classifier::{Classifier, FeatureStats, frechet_distance, in_top_k};
+use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RgbImage, RunOptions};
 
 /// Logits for every cell of a given token grid: the prefill plus one pass feeding every token
 /// but the last at its own slot (full raster-causal context).
@@ -99,19 +105,59 @@ pub struct EvalResult {
     pub nll_gap: f64,
     /// Mean code-usage entropy per image (bits).
     pub code_entropy: f64,
+    /// Classifier top-1 accuracy against the conditioning class (with a classifier).
+    pub top1: Option<f64>,
+    /// Classifier top-5 accuracy.
+    pub top5: Option<f64>,
+    /// Frechet distance of the classifier features to the real images'.
+    pub frechet: Option<f64>,
 }
 
-/// Generates every (condition, seed) in every setting and scores them.
+/// Image-space scores of one setting's samples.
+struct ImageScores {
+    top1: f64,
+    top5: f64,
+    frechet: f64,
+}
+
+fn score_images(
+    classifier: &Classifier,
+    images: &[(u32, RgbImage)],
+) -> anyhow::Result<ImageScores> {
+    let (mut top1, mut top5) = (0usize, 0usize);
+    let mut features = Vec::with_capacity(images.len());
+    for chunk in images.chunks(64) {
+        let refs: Vec<&RgbImage> = chunk.iter().map(|(_, im)| im).collect();
+        let (f, logits) = classifier.run(&refs)?;
+        for ((class, _), l) in chunk.iter().zip(&logits) {
+            top1 += in_top_k(l, *class, 1) as usize;
+            top5 += in_top_k(l, *class, 5) as usize;
+        }
+        features.extend(f);
+    }
+    let n = images.len().max(1) as f64;
+    Ok(ImageScores {
+        top1: top1 as f64 / n,
+        top5: top5 as f64 / n,
+        frechet: frechet_distance(&FeatureStats::of(&features)?, &classifier.real)?,
+    })
+}
+
+/// Generates every (condition, seed) in every setting and scores them; with a classifier,
+/// also in image space. `progress` is called after each sample.
 pub fn run_eval(
     model: &mut dyn ImageArModel,
     conds: &[Condition],
     base: GenerateParams,
     settings: &[Setting],
     seeds: &[u64],
+    classifier: Option<&Classifier>,
+    progress: &mut dyn FnMut(),
 ) -> anyhow::Result<Vec<EvalResult>> {
     let mut out = Vec::new();
     for s in settings {
         let (mut nll, mut passes, mut ent, mut n) = (0.0, 0.0, 0.0, 0usize);
+        let mut images = Vec::new();
         for cond in conds {
             for &seed in seeds {
                 let params = GenerateParams {
@@ -125,9 +171,17 @@ pub fn run_eval(
                 passes += trace.passes as f64;
                 ent += code_entropy(&trace.tokens);
                 n += 1;
+                if let (Some(_), Condition::Class(class)) = (classifier, cond) {
+                    images.push((*class, model.decode_image(&trace.tokens)?));
+                }
+                progress();
             }
         }
         let k = n.max(1) as f64;
+        let scores = match classifier {
+            Some(c) if images.len() >= 2 => Some(score_images(c, &images)?),
+            _ => None,
+        };
         out.push(EvalResult {
             setting: *s,
             samples: n,
@@ -135,6 +189,9 @@ pub fn run_eval(
             nll: nll / k,
             nll_gap: 0.0,
             code_entropy: ent / k,
+            top1: scores.as_ref().map(|x| x.top1),
+            top5: scores.as_ref().map(|x| x.top5),
+            frechet: scores.as_ref().map(|x| x.frechet),
         });
     }
     let base_nll = out
@@ -152,18 +209,22 @@ pub fn run_eval(
 /// The results as a text table.
 pub fn table(results: &[EvalResult]) -> String {
     let mut s = String::from(
-        "mode      window  samples  passes  NLL(nats)  gap-vs-NTP  code-entropy(bits)\n",
+        "mode      window  samples  passes  NLL(nats)  gap-vs-NTP  code-entropy(bits)  top-1   top-5   Frechet\n",
     );
+    let opt = |x: Option<f64>, prec: usize| x.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for r in results {
         s.push_str(&format!(
-            "{:<9} {:>6}  {:>7}  {:>6.1}  {:>9.4}  {:>+10.4}  {:>8.3}\n",
+            "{:<9} {:>6}  {:>7}  {:>6.1}  {:>9.4}  {:>+10.4}  {:>18.3}  {:>5}  {:>6}  {:>8}\n",
             r.setting.mode.to_string(),
             r.setting.window,
             r.samples,
             r.mean_passes,
             r.nll,
             r.nll_gap,
-            r.code_entropy
+            r.code_entropy,
+            opt(r.top1, 3),
+            opt(r.top5, 3),
+            opt(r.frechet, 2),
         ));
     }
     s

@@ -3,9 +3,28 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// candle reads the thread count for every CPU matmul and convolution: without
+/// `RAYON_NUM_THREADS` set it counts physical cores by parsing /proc/cpuinfo each time, which
+/// perf showed at about a quarter of a forward pass of the built-in model. Count once, here,
+/// and publish the answer through the variable candle (and rayon) read.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let n = candle_core::utils::get_num_threads();
+    // SAFETY: first statement of `main`, before any other thread exists (nothing reads or
+    // writes the environment concurrently). Reviewed exception to the crate's unsafe_code lint.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
 use zipar_studio::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    pin_thread_count();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Cli::parse();
     match cli::run(&args) {
         Ok(()) => ExitCode::SUCCESS,

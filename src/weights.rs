@@ -86,6 +86,10 @@ pub struct Manifest {
     /// Class names for prompt matching (`classes.json`), when the model has them.
     #[serde(default)]
     pub classes: Option<String>,
+    /// The image classifier `eval` scores images with (`classifier.safetensors`), when the
+    /// model ships one.
+    #[serde(default)]
+    pub classifier: Option<String>,
     /// Decoding settings the model's authors recommend (used until the user sets others).
     #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
     pub defaults: SamplingDefaults,

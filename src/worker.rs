@@ -1,18 +1,20 @@
 //! The long-lived worker thread: the only owner of models. The UI sends [`Command`]s and
 //! receives [`Event`]s, each tagged with a job id so that events of a stopped or superseded
-//! job can be dropped. Live previews are decoded on a second thread, throttled, so they never
-//! hold up the forward passes.
+//! job can be dropped. Live previews cost the decoding nothing: after a model loads, a second
+//! thread learns each code's thumbnail ([`CodePalette`]) while no run is active, and the UI
+//! paints produced tokens with it; the real VQ decode runs once, when a run ends.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::decode::engine::{EngineError, schedule_for};
 use crate::decode::{DecodeTrace, Flow, GenerateParams, PassReport, generate};
 use crate::model::llamagen::LlamaGen;
+use crate::model::palette::CodePalette;
 use crate::model::{Condition, ImageArModel, ImageDecoder, RgbImage};
 use crate::prompt::ClassIndex;
 use crate::weights;
@@ -127,12 +129,12 @@ pub enum Event {
         /// What it did.
         report: PassReport,
     },
-    /// A partial image (not-yet-generated cells filled with a neutral code).
-    Preview {
-        /// Job id.
+    /// The loaded model's code thumbnails, for live previews (some time after `ModelLoaded`).
+    Palette {
+        /// Job id of the model load.
         job: JobId,
-        /// The image.
-        image: RgbImage,
+        /// The thumbnails.
+        palette: Arc<CodePalette>,
     },
     /// A generation finished.
     Finished {
@@ -166,7 +168,7 @@ impl Event {
             | Event::ModelFailed { job, .. }
             | Event::Started { job, .. }
             | Event::Pass { job, .. }
-            | Event::Preview { job, .. }
+            | Event::Palette { job, .. }
             | Event::Finished { job, .. }
             | Event::Cancelled { job }
             | Event::Failed { job, .. } => *job,
@@ -224,10 +226,9 @@ impl Drop for WorkerHandle {
     }
 }
 
-/// Partial grid handed to the preview thread.
-struct PreviewJob {
+/// A model whose code thumbnails the palette thread should learn.
+struct PaletteJob {
     job: JobId,
-    tokens: Vec<u32>,
     decoder: Arc<dyn ImageDecoder>,
 }
 
@@ -236,11 +237,10 @@ struct Worker {
     wake: Arc<dyn Fn() + Send + Sync>,
     cancel_below: Arc<AtomicU64>,
     model: Option<LlamaGen>,
-    previews: Sender<PreviewJob>,
+    palettes: Sender<PaletteJob>,
+    /// Set while a run decodes: the palette thread waits, so the run has the cores.
+    busy: Arc<AtomicBool>,
 }
-
-/// Least time between two live previews.
-const PREVIEW_EVERY: Duration = Duration::from_millis(120);
 
 impl Worker {
     fn new(
@@ -248,26 +248,19 @@ impl Worker {
         wake: Arc<dyn Fn() + Send + Sync>,
         cancel_below: Arc<AtomicU64>,
     ) -> Self {
-        // A queue of one: a new partial grid replaces a stale one that was not decoded yet.
-        let (ptx, prx) = crossbeam_channel::bounded::<PreviewJob>(1);
-        let pev = events.clone();
-        let pwake = wake.clone();
+        let (ptx, prx) = crossbeam_channel::unbounded::<PaletteJob>();
+        let busy = Arc::new(AtomicBool::new(false));
+        let (pev, pwake, pbusy) = (events.clone(), wake.clone(), busy.clone());
         let _ = std::thread::Builder::new()
-            .name("zipar-preview".into())
-            .spawn(move || {
-                for p in prx {
-                    if let Ok(image) = p.decoder.decode(&p.tokens) {
-                        let _ = pev.send(Event::Preview { job: p.job, image });
-                        pwake();
-                    }
-                }
-            });
+            .name("zipar-palette".into())
+            .spawn(move || palette_thread(&prx, &pev, &*pwake, &pbusy));
         Self {
             events,
             wake,
             cancel_below,
             model: None,
-            previews: ptx,
+            palettes: ptx,
+            busy,
         }
     }
 
@@ -285,7 +278,13 @@ impl Worker {
                     source,
                     device,
                 } => match self.load(job, &source, &device) {
-                    Ok(info) => self.emit(Event::ModelLoaded { job, info }),
+                    Ok(info) => {
+                        self.emit(Event::ModelLoaded { job, info });
+                        if let Some(m) = &self.model {
+                            let decoder = m.image_decoder();
+                            let _ = self.palettes.send(PaletteJob { job, decoder });
+                        }
+                    }
                     Err(e) => self.emit(Event::ModelFailed {
                         job,
                         error: format!("{e:#}"),
@@ -296,7 +295,10 @@ impl Worker {
                         self.emit(Event::Cancelled { job });
                         continue;
                     }
-                    let e = match self.generate(job, &cond, &params) {
+                    self.busy.store(true, Ordering::SeqCst);
+                    let result = self.generate(job, &cond, &params);
+                    self.busy.store(false, Ordering::SeqCst);
+                    let e = match result {
                         Ok((trace, image)) => Event::Finished {
                             job,
                             trace: Box::new(trace),
@@ -365,33 +367,15 @@ impl Worker {
             grid: (h, w),
         });
         (self.wake)();
-        let decoder = model.image_decoder();
-        let mut grid: Vec<Option<u32>> = vec![None; h * w];
-        let mut last_preview = Instant::now();
         let events = self.events.clone();
         let wake = self.wake.clone();
         let cancel = self.cancel_below.clone();
-        let previews = self.previews.clone();
+        let started = Instant::now();
         let result = generate(model, cond, params, &mut |report: &PassReport| {
-            for &(cell, token, _) in &report.produced {
-                grid[cell.row * w + cell.col] = Some(token);
-            }
             let _ = events.send(Event::Pass {
                 job,
                 report: report.clone(),
             });
-            let last = report.index + 1 == report.total;
-            if !last && last_preview.elapsed() >= PREVIEW_EVERY {
-                last_preview = Instant::now();
-                let p = PreviewJob {
-                    job,
-                    tokens: fill_neutral(&grid),
-                    decoder: decoder.clone(),
-                };
-                if let Err(TrySendError::Disconnected(_)) = previews.try_send(p) {
-                    // The preview thread is gone; previews are a nicety, carry on.
-                }
-            }
             wake();
             if job < cancel.load(Ordering::SeqCst) {
                 Flow::Stop
@@ -404,9 +388,19 @@ impl Worker {
             Err(EngineError::Cancelled { .. }) => return Err(GenError::Cancelled),
             Err(e) => return Err(GenError::Other(e.to_string())),
         };
+        let t_image = Instant::now();
         let image = model
             .decode_image(&trace.tokens)
             .map_err(|e| GenError::Other(format!("decoding the image failed: {e:#}")))?;
+        log::info!(
+            "run {job} finished: {} window {}, {} passes, decode {:.1} ms, image {:.1} ms, wall {:.1} ms",
+            params.mode,
+            params.window,
+            trace.passes,
+            trace.pass_ms.iter().sum::<f64>(),
+            t_image.elapsed().as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3,
+        );
         Ok((trace, image))
     }
 }
@@ -416,29 +410,40 @@ enum GenError {
     Other(String),
 }
 
-/// The grid with missing cells set to the most frequent generated token (a neutral,
-/// usually background-like code), so a partial grid can be decoded.
-pub fn fill_neutral(grid: &[Option<u32>]) -> Vec<u32> {
-    let mut counts = std::collections::HashMap::new();
-    for t in grid.iter().flatten() {
-        *counts.entry(*t).or_insert(0usize) += 1;
-    }
-    let neutral = counts
-        .into_iter()
-        .max_by_key(|&(t, n)| (n, std::cmp::Reverse(t)))
-        .map(|(t, _)| t)
-        .unwrap_or(0);
-    grid.iter().map(|t| t.unwrap_or(neutral)).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn neutral_fill_uses_the_most_common_token() {
-        let g = [Some(3), Some(5), Some(5), None, None];
-        assert_eq!(fill_neutral(&g), vec![3, 5, 5, 5, 5]);
-        assert_eq!(fill_neutral(&[None, None]), vec![0, 0]);
+/// Learns the code thumbnails of each loaded model, one grid decode at a time, waiting while
+/// a run is active and giving up on a model as soon as another one is loaded.
+fn palette_thread(
+    jobs: &Receiver<PaletteJob>,
+    events: &Sender<Event>,
+    wake: &(dyn Fn() + Send + Sync),
+    busy: &AtomicBool,
+) {
+    while let Ok(mut next) = jobs.recv() {
+        loop {
+            let mut newer = None;
+            let built = CodePalette::build(&*next.decoder, || {
+                while busy.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                newer = jobs.try_iter().last();
+                newer.is_none()
+            });
+            match (newer, built) {
+                (Some(n), _) => next = n,
+                (None, Ok(Some(palette))) => {
+                    let _ = events.send(Event::Palette {
+                        job: next.job,
+                        palette: Arc::new(palette),
+                    });
+                    wake();
+                    break;
+                }
+                (None, Ok(None)) => break,
+                (None, Err(e)) => {
+                    log::warn!("no live previews for this model: {e:#}");
+                    break;
+                }
+            }
+        }
     }
 }

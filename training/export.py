@@ -1,5 +1,7 @@
 """Writes the default model into assets/models/emoji/: GPT and VQ-decoder weights as f16
-safetensors with LlamaGen's key names, config.json (the app's manifest) and classes.json.
+safetensors with LlamaGen's key names, config.json (the app's manifest), classes.json, and the
+eval classifier (classifier.safetensors: BatchNorm folded, f32, with the real-image feature
+statistics; see train_classifier.py).
 
     python training/export.py
 """
@@ -23,10 +25,23 @@ CKPT = os.path.join(HERE, "checkpoints")
 DEFAULTS = {"cfg": 1.0}
 
 
+def load_vq(run_dir: str):
+    """The VQ run's last.pt, else the committed weights-only checkpoint (state dict, step)."""
+    path = os.path.join(run_dir, "last.pt")
+    if os.path.exists(path):
+        vq = torch.load(path, map_location="cpu")
+        return vq["model"], vq["step"]
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(CKPT, "vq.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata().get("step", 0))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpt", default=os.path.join(HERE, "runs", "gpt"))
     ap.add_argument("--vq", default=os.path.join(HERE, "runs", "vq"))
+    ap.add_argument("--classifier", default=os.path.join(HERE, "runs", "classifier", "last.pt"))
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--defaults", default=json.dumps(DEFAULTS),
                     help="decoding settings the app starts from (config.json \"defaults\")")
@@ -35,17 +50,17 @@ def main():
     os.makedirs(out, exist_ok=True)
     classes = json.load(open(os.path.join(HERE, "data", "classes.json")))
     gpt = torch.load(os.path.join(args.gpt, "last.pt"), map_location="cpu")
-    vq = torch.load(os.path.join(args.vq, "last.pt"), map_location="cpu")
+    vq_state, vq_step = load_vq(args.vq)
     gsd = {k: v.half().contiguous() for k, v in gpt["model"].items() if k != "rope"}
     keep = ("quantize.", "post_quant_conv", "decoder.")
-    vsd = {k: v.half().contiguous() for k, v in vq["model"].items() if k.startswith(keep)}
+    vsd = {k: v.half().contiguous() for k, v in vq_state.items() if k.startswith(keep)}
     save_file(gsd, os.path.join(out, "gpt.safetensors"))
     save_file(vsd, os.path.join(out, "vq.safetensors"))
     # Weights-only copy of the whole VQ (encoder included, which the app does not need) so
     # that training can resume in a later sitting without the large optimiser checkpoints.
-    full_vq = {k: v.half().contiguous() for k, v in vq["model"].items()}
+    full_vq = {k: v.half().contiguous() for k, v in vq_state.items()}
     os.makedirs(CKPT, exist_ok=True)
-    save_file(full_vq, os.path.join(CKPT, "vq.safetensors"), metadata={"step": str(vq["step"])})
+    save_file(full_vq, os.path.join(CKPT, "vq.safetensors"), metadata={"step": str(vq_step)})
     ga = gpt_args(len(classes))
     cfg = {
         "kind": "llamagen-c2i",
@@ -53,6 +68,7 @@ def main():
         "gpt_weights": "gpt.safetensors",
         "vq_weights": "vq.safetensors",
         "classes": "classes.json",
+        "classifier": "classifier.safetensors",
         "grid_h": ga.grid_h,
         "grid_w": ga.grid_w,
         "dim": ga.dim,
@@ -72,14 +88,20 @@ def main():
             "norm_groups": VQ_ARGS.norm_groups,
         },
         "defaults": json.loads(args.defaults),
-        "training": {"gpt_steps": gpt["step"], "vq_steps": vq["step"]},
+        "training": {"gpt_steps": gpt["step"], "vq_steps": vq_step},
     }
+    from train_classifier import export_tensors
+
+    tensors, meta = export_tensors(args.classifier)
+    save_file(tensors, os.path.join(out, "classifier.safetensors"), metadata=meta)
+    print("classifier:", meta)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     slim = [{k: c[k] for k in ("id", "name", "short_names", "keywords")} for c in classes]
     with open(os.path.join(out, "classes.json"), "w") as f:
         json.dump(slim, f, separators=(",", ":"))
-    shutil.copy(os.path.join(args.vq, "log.csv"), os.path.join(out, "vq_log.csv"))
+    if os.path.exists(os.path.join(args.vq, "log.csv")):
+        shutil.copy(os.path.join(args.vq, "log.csv"), os.path.join(out, "vq_log.csv"))
     shutil.copy(os.path.join(args.gpt, "log.csv"), os.path.join(out, "gpt_log.csv"))
     print("wrote", os.path.abspath(out))
 

@@ -7,6 +7,7 @@ Needs the VQ checkpoint of train_vq.py. Checkpoints: training/runs/gpt/last.pt; 
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -58,13 +59,52 @@ def gpt_args(num_classes: int) -> GptArgs:
 
 
 @torch.no_grad()
-def encode_all(vq_ckpt: str, device) -> torch.Tensor:
+def encode_all(vq_ckpt: str, device, variants: int, seed: int = 0):
+    """VQ codes [N, 256] (raster order) with labels, for: every training image clean plus
+    `variants - 1` augmented copies (prepare_data.augment), and the held-out images clean."""
+    from prepare_data import augment
+
     arr = np.load(os.path.join(HERE, "data", "images.npy"))
+    labels = torch.from_numpy(np.load(os.path.join(HERE, "data", "labels.npy")))
+    held = torch.from_numpy(np.load(os.path.join(HERE, "data", "heldout.npy")))
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     vq = VqModel(VQ_ARGS).to(device).eval()
-    vq.load_state_dict(torch.load(vq_ckpt, map_location=device)["model"])
-    codes = [vq.encode(x[i : i + 64].to(device))[1] for i in range(0, len(x), 64)]
-    return torch.cat(codes).flatten(1).cpu()  # [N, 256] raster order
+    vq.load_state_dict(load_vq_state(vq_ckpt, device))
+    gen = torch.Generator().manual_seed(seed)
+
+    def encode(images):
+        return torch.cat([vq.encode(images[i : i + 64].to(device))[1].flatten(1).cpu() for i in range(0, len(images), 64)])
+
+    train_x, train_y = x[~held], labels[~held]
+    codes = [encode(train_x)] + [encode(augment(train_x, gen)) for _ in range(variants - 1)]
+    return {
+        "train": torch.cat(codes),
+        "train_labels": train_y.repeat(variants),
+        "train_clean": len(train_x),  # the first rows are the un-augmented images
+        "held": encode(x[held]),
+        "held_labels": labels[held],
+    }
+
+
+def load_vq_state(path: str, device):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return {k: v.float() for k, v in load_file(path).items()}
+    return torch.load(path, map_location=device)["model"]
+
+
+@torch.no_grad()
+def mean_nll(model, codes, labels, bs: int = 128) -> float:
+    """Teacher-forced NLL per token (the conditioned model, no label dropout)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(codes), bs):
+        x, y = codes[i : i + bs], labels[i : i + bs]
+        logits = model(y, x[:, :-1])
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="sum").item()
+    model.train()
+    return total / codes.numel()
 
 
 def augment(inp, contexts, args, gen, ga):
@@ -90,7 +130,12 @@ def augment(inp, contexts, args, gen, ga):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60)
-    ap.add_argument("--steps", type=int, default=4800)
+    ap.add_argument("--steps", type=int, default=3600)
+    ap.add_argument("--variants", type=int, default=4, help="encoded copies of each training "
+                    "image: the clean one plus augmented ones (small shifts and scales)")
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--resume-shipped", type=int, default=0, help="with no runs/gpt/last.pt, "
+                    "start from the shipped weights (continue a model across sittings)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -98,12 +143,13 @@ def main():
     # A memorising model trained in raster order alone reproduces its image under greedy
     # raster decoding but falls apart once a sampled token or a ZipAR context (rows started
     # before the row above is complete) takes it off the training path.
-    ap.add_argument("--aug-from", type=int, default=2200)
+    # Off by default: the shipped model is trained the standard way (ZipAR is training-free).
+    ap.add_argument("--aug-from", type=int, default=10**9)
     ap.add_argument("--zipar-frac", type=float, default=0.5, help="share of samples trained "
                     "under a ZipAR context (window 2..8) instead of the raster-causal one")
     ap.add_argument("--corrupt", type=float, default=0.05, help="share of input tokens "
                     "replaced by random codes (targets unchanged)")
-    ap.add_argument("--vq", default=os.path.join(HERE, "runs", "vq", "last.pt"))
+    ap.add_argument("--vq", default=os.path.join(HERE, "checkpoints", "vq.safetensors"))
     ap.add_argument("--out", default=os.path.join(HERE, "runs", "gpt"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,15 +157,20 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     codes_path = os.path.join(args.out, "codes.pt")
     if os.path.exists(codes_path):
-        codes = torch.load(codes_path)
+        data = torch.load(codes_path)
     else:
-        codes = encode_all(args.vq, device)
-        torch.save(codes, codes_path)
+        data = encode_all(args.vq, device, args.variants)
+        torch.save(data, codes_path)
+    codes, labels = data["train"].to(device), data["train_labels"].to(device)
     n = len(codes)
-    labels = torch.arange(n)
-    codes, labels = codes.to(device), labels.to(device)
+    # memorisation check: the clean training images vs the held-out ones, same count
+    gen_eval = torch.Generator().manual_seed(1)
+    probe = torch.randperm(data["train_clean"], generator=gen_eval)[: len(data["held"])]
+    train_probe = (codes[probe.to(device)], labels[probe.to(device)])
+    held_probe = (data["held"].to(device), data["held_labels"].to(device))
+    num_classes = len(json.load(open(os.path.join(HERE, "data", "classes.json"))))
     torch.manual_seed(0)
-    ga = gpt_args(n)
+    ga = gpt_args(num_classes)
     model = Gpt(ga).to(device)
     for name, p in model.named_parameters():
         if p.dim() > 1:
@@ -139,10 +190,8 @@ def main():
             opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed at step {step}")
-    elif os.path.exists(os.path.join(ASSETS, "gpt.safetensors")):
+    elif args.resume_shipped and os.path.exists(os.path.join(ASSETS, "gpt.safetensors")):
         # the shipped weights are the weights-only checkpoint: fresh optimiser
-        import json
-
         from safetensors.torch import load_file
 
         sd = {k: v.float() for k, v in load_file(os.path.join(ASSETS, "gpt.safetensors")).items()}
@@ -177,6 +226,11 @@ def main():
             print(msg, flush=True)
             log.write(msg + "\n")
             log.flush()
+        if step % args.eval_every == 0:
+            tr, he = mean_nll(model, *train_probe), mean_nll(model, *held_probe)
+            msg = f"# step {step} train_nll {tr:.4f} heldout_nll {he:.4f} ratio {he / tr:.3f}"
+            print(msg, flush=True)
+            log.write(msg + "\n")
         if step % 200 == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)

@@ -3,7 +3,8 @@
     python training/train_vq.py --minutes 40          # resumable: run again to continue
 
 Loss: L1 + MSE on pixels, codebook and commitment terms (no GAN / perceptual loss: their
-pretrained networks are not available offline). Every 5% of images is held out for PSNR.
+pretrained networks are not available offline). The held-out split of prepare_data.py
+(~5% of the (class, style) images) measures PSNR.
 Checkpoints: training/runs/vq/last.pt (model, optimiser, step); log: training/runs/vq/log.csv.
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llamagen import VqArgs, VqModel
+from prepare_data import augment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "checkpoints", "vq.safetensors")
@@ -26,9 +28,10 @@ VQ_ARGS = VqArgs(
 
 
 def load_images(device):
+    """All styles; the fixed held-out split of prepare_data.py is never trained on."""
     arr = np.load(os.path.join(HERE, "data", "images.npy"))
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    held = torch.arange(len(x)) % 20 == 7
+    held = torch.from_numpy(np.load(os.path.join(HERE, "data", "heldout.npy")))
     return x[~held].to(device), x[held].to(device)
 
 
@@ -56,6 +59,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--augment", type=int, default=1, help="random shifts and scales (prepare_data.augment)")
     ap.add_argument("--out", default=os.path.join(HERE, "runs", "vq"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +91,7 @@ def main():
     gen = torch.Generator(device="cpu").manual_seed(step)
     while step < args.steps and (time.time() - t0) < args.minutes * 60:
         idx = torch.randint(0, len(train), (args.batch,), generator=gen)
-        x = train[idx]
+        x = augment(train[idx], gen) if args.augment else train[idx]
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr

@@ -12,6 +12,7 @@ use egui::{Color32, Key, KeyboardShortcut, Modifiers, RichText, TextureHandle, T
 
 use crate::decode::Mode;
 use crate::export;
+use crate::model::palette::CodePalette;
 use crate::model::{Condition, RgbImage};
 use crate::prompt::ClassMatch;
 use crate::weights;
@@ -23,6 +24,9 @@ use settings::{Settings, ViewMode};
 const GENERATE_KEY: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
 /// Ctrl+S: save the image.
 const SAVE_KEY: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::S);
+
+/// Least time between two frames driven by worker events.
+const REPAINT_EVERY: std::time::Duration = std::time::Duration::from_millis(33);
 
 /// Model loading state.
 #[derive(Debug, Clone)]
@@ -63,6 +67,10 @@ pub struct StudioApp {
     /// What the model being loaded reads and takes in memory (from the worker).
     pub loading_detail: Option<String>,
     last_matched_prompt: String,
+    /// Job id of the load that produced the current model.
+    model_job: JobId,
+    /// The current model's code thumbnails (live previews), once learned.
+    palette: Option<Arc<CodePalette>>,
 }
 
 impl StudioApp {
@@ -70,9 +78,11 @@ impl StudioApp {
     pub fn new(settings: Settings) -> Self {
         let wake_ctx: Arc<OnceLock<egui::Context>> = Arc::new(OnceLock::new());
         let w = wake_ctx.clone();
+        // At most ~30 repaints a second while a run streams passes: egui keeps the earliest
+        // pending deadline, so a burst of events costs one frame.
         let worker = WorkerHandle::spawn(move || {
             if let Some(ctx) = w.get() {
-                ctx.request_repaint();
+                ctx.request_repaint_after(REPAINT_EVERY);
             }
         });
         let mut app = Self {
@@ -88,6 +98,8 @@ impl StudioApp {
             model_error: None,
             loading_detail: None,
             last_matched_prompt: String::new(),
+            model_job: 0,
+            palette: None,
         };
         let source = match &app.settings.model_dir {
             Some(d) => ModelSource::Dir(d.clone()),
@@ -237,6 +249,8 @@ impl StudioApp {
                     }
                     self.status = Some((msg, false));
                     self.model = ModelState::Ready(info);
+                    self.model_job = job;
+                    self.palette = None;
                     self.last_matched_prompt.clear();
                 }
             }
@@ -253,7 +267,13 @@ impl StudioApp {
                     self.model = ModelState::Missing(error);
                 }
             }
+            Event::Palette { palette, .. } => {
+                if job == self.model_job {
+                    self.palette = Some(palette);
+                }
+            }
             other => {
+                let palette = self.palette.clone();
                 let Some(lane) = self.lanes.iter_mut().find(|l| l.run.job == job) else {
                     return; // a stopped or superseded job
                 };
@@ -262,8 +282,7 @@ impl StudioApp {
                     Event::Started {
                         total_passes, grid, ..
                     } => run.on_started(total_passes, grid),
-                    Event::Pass { report, .. } => run.on_pass(&report),
-                    Event::Preview { image, .. } => run.on_preview(image),
+                    Event::Pass { report, .. } => run.on_pass(&report, palette.as_deref()),
                     Event::Finished { trace, image, .. } => {
                         run.on_finished(*trace, image);
                         let msg = format!(
@@ -285,7 +304,8 @@ impl StudioApp {
                     }
                     Event::ModelLoaded { .. }
                     | Event::Loading { .. }
-                    | Event::ModelFailed { .. } => {}
+                    | Event::ModelFailed { .. }
+                    | Event::Palette { .. } => {}
                 }
             }
         }
@@ -809,8 +829,13 @@ fn stats_ui(ui: &mut egui::Ui, run: &RunView) {
             };
             ui.label(format!("{passes} vs {ntp} NTP ({reduction:.0}% fewer)"));
             ui.end_row();
-            ui.label("wall time");
-            ui.label(format!("{:.2} s", run.elapsed.as_secs_f64()));
+            ui.label("decode time")
+                .on_hover_text("the forward passes and sampling, as the CLI measures them");
+            ui.label(format!("{:.0} ms", run.decode_ms()));
+            ui.end_row();
+            ui.label("wall time")
+                .on_hover_text("from the request to the final image, as you waited for it");
+            ui.label(format!("{:.0} ms", run.elapsed.as_secs_f64() * 1e3));
             ui.end_row();
             ui.label("tokens / s");
             ui.label(format!("{:.0}", run.tokens_per_s()));

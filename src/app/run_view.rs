@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::decode::{DecodeTrace, GenerateParams, PassReport};
 use crate::model::RgbImage;
+use crate::model::palette::CodePalette;
 use crate::worker::JobId;
 
 /// Where a run is.
@@ -58,7 +59,7 @@ pub struct RunView {
     pub trace: Option<DecodeTrace>,
     /// Final image.
     pub image: Option<RgbImage>,
-    /// Latest partial image.
+    /// The partial image: each produced token's thumbnail (see [`CodePalette`]).
     pub preview: Option<RgbImage>,
     /// Bumped whenever `image` or `preview` changes, so textures are re-uploaded.
     pub image_version: u64,
@@ -114,8 +115,8 @@ impl RunView {
         self.status = RunStatus::Running;
     }
 
-    /// One pass arrived.
-    pub fn on_pass(&mut self, r: &PassReport) {
+    /// One pass arrived; with a palette, its tokens are painted into the preview.
+    pub fn on_pass(&mut self, r: &PassReport, palette: Option<&CodePalette>) {
         let (h, w) = self.grid;
         if h * w == 0 {
             return;
@@ -142,18 +143,19 @@ impl RunView {
             };
             self.window_of[i] = Some(window);
         }
+        if let Some(p) = palette
+            && self.image.is_none()
+        {
+            let preview = self.preview.get_or_insert_with(|| p.blank(h, w));
+            for &(cell, token, _) in &r.produced {
+                p.paint(preview, cell.row, cell.col, token);
+            }
+            self.image_version += 1;
+        }
         self.pass_ms.push(r.elapsed.as_secs_f64() * 1e3);
         self.tokens_per_pass.push(r.produced.len());
         if let Some(s) = self.started {
             self.elapsed = s.elapsed();
-        }
-    }
-
-    /// A partial image arrived.
-    pub fn on_preview(&mut self, image: RgbImage) {
-        if self.image.is_none() {
-            self.preview = Some(image);
-            self.image_version += 1;
         }
     }
 

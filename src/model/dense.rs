@@ -1,47 +1,67 @@
-//! A bias-free linear layer that keeps its weight transposed, `[in, out]`, contiguous.
+//! A bias-free linear layer that keeps its weight in the layout its device multiplies fastest:
+//! packed panels on the CPU (see `cpu_kernels`), the `[in, out]` transpose elsewhere.
 //!
-//! `candle_nn::Linear` multiplies by a transposed *view* of the `[out, in]` weight. On the CPU
-//! the gemm crate then repacks the whole weight on every call as soon as the input has more
-//! than one row, which is exactly the shape of a ZipAR pass (several tokens) or of a CFG
-//! batch (two halves): the repacking dominated the pass time of the built-in model. Taking
-//! the transpose once at load time removes it. Weight files keep LlamaGen's `[out, in]`
-//! layout and key names; only the in-memory copy differs.
+//! `candle_nn::Linear` multiplies by a transposed *view* of the `[out, in]` weight, which makes
+//! gemm repack the whole weight on every call with more than one row: exactly the shape of a
+//! ZipAR pass (several tokens) or of a CFG batch (two halves). Weight files keep LlamaGen's
+//! `[out, in]` layout and key names; only the in-memory copy differs.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use crate::model::cpu_kernels;
 
 /// `y = x W^T` with `W` read as `[out, in]` from `{prefix}.weight`.
 #[derive(Debug, Clone)]
-pub struct Dense {
-    wt: Tensor,
+pub enum Dense {
+    /// f32 on the CPU: packed for [`cpu_kernels::PackedMatmul`].
+    Packed(cpu_kernels::PackedWeight),
+    /// Elsewhere: the `[in, out]` transpose for candle's matmul.
+    Transposed(Tensor),
 }
 
 impl Dense {
-    /// Loads `weight` (`[out, in]`) under `vb` and stores its transpose.
+    /// Loads `weight` (`[out, in]`) under `vb` and stores it in the form its device runs best.
     pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim), "weight")?;
-        Ok(Self {
-            wt: w.t()?.contiguous()?,
-        })
+        let wt = vb.get((out_dim, in_dim), "weight")?.t()?.contiguous()?;
+        if wt.device().is_cpu() && wt.dtype() == DType::F32 {
+            Ok(Self::Packed(cpu_kernels::PackedWeight::pack(&wt)?))
+        } else {
+            Ok(Self::Transposed(wt))
+        }
+    }
+
+    /// `x [m, in]` times the weight.
+    fn matmul_2d(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Packed(p) => p.matmul(x),
+            Self::Transposed(wt) => x.matmul(wt),
+        }
+    }
+
+    fn out_dim(&self) -> usize {
+        match self {
+            Self::Packed(p) => p.n,
+            Self::Transposed(wt) => wt.dims().get(1).copied().unwrap_or(0),
+        }
     }
 }
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match *x.dims() {
-            [_, _] => x.matmul(&self.wt),
-            [b, n, k] => x
-                .reshape((b * n, k))?
-                .matmul(&self.wt)?
-                .reshape((b, n, self.wt.dim(1)?)),
-            _ => x.broadcast_matmul(&self.wt),
+            [_, _] => self.matmul_2d(x),
+            [b, n, k] => self
+                .matmul_2d(&x.reshape((b * n, k))?)?
+                .reshape((b, n, self.out_dim())),
+            _ => candle_core::bail!("Dense takes [m, in] or [b, n, in], got {:?}", x.dims()),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use candle_nn::VarMap;
 
     use super::*;
@@ -53,7 +73,7 @@ mod tests {
         let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
         let linear = candle_nn::linear_no_bias(6, 5, vb.pp("p"))?;
         let dense = Dense::load(6, 5, vb.pp("p"))?;
-        for shape in [vec![3, 6], vec![2, 4, 6], vec![1, 1, 6]] {
+        for shape in [vec![3, 6], vec![2, 4, 6], vec![1, 1, 6], vec![70, 6]] {
             let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev)?;
             let want = linear.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
             let got = dense.forward(&x)?;

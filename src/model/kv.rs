@@ -30,7 +30,18 @@ impl LayerKv {
     }
 
     /// Writes `k, v: [B, H, n, D]` at the slots in `index` (u32, `[B, H, n, D]`, each entry the
-    /// slot of its input), then returns views of K and V over slots `0..len`.
+    /// slot of its input).
+    pub fn write(&mut self, index: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.k.scatter_set(index, &k.contiguous()?, 2)?;
+        self.v.scatter_set(index, &v.contiguous()?, 2)
+    }
+
+    /// The whole K and V buffers, `[B, H, S, D]`.
+    pub fn buffers(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+
+    /// Writes as [`LayerKv::write`], then returns views of K and V over slots `0..len`.
     pub fn write_and_view(
         &mut self,
         index: &Tensor,
@@ -38,8 +49,7 @@ impl LayerKv {
         v: &Tensor,
         len: usize,
     ) -> Result<(Tensor, Tensor)> {
-        self.k.scatter_set(index, &k.contiguous()?, 2)?;
-        self.v.scatter_set(index, &v.contiguous()?, 2)?;
+        self.write(index, k, v)?;
         Ok((self.k.narrow(2, 0, len)?, self.v.narrow(2, 0, len)?))
     }
 }

@@ -1,8 +1,11 @@
 //! The models: the [`ImageArModel`] trait that the decoder drives, and its implementations.
 
+pub mod classifier;
+pub mod cpu_kernels;
 pub mod dense;
 pub mod kv;
 pub mod llamagen;
+pub mod palette;
 
 use crate::decode::schedule::Layout;
 
@@ -90,4 +93,8 @@ pub trait ImageArModel: Send {
 pub trait ImageDecoder: Send + Sync {
     /// Decodes a full grid of tokens (raster order).
     fn decode(&self, tokens: &[u32]) -> anyhow::Result<RgbImage>;
+    /// The token grid it decodes (rows, columns).
+    fn grid(&self) -> (usize, usize);
+    /// Number of codes.
+    fn codebook_size(&self) -> usize;
 }

@@ -8,6 +8,7 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use super::config::GptConfig;
 use super::rope2d::{self, Rope2d};
+use crate::model::cpu_kernels;
 use crate::model::dense::Dense;
 use crate::model::kv::{LayerKv, slot_index};
 use crate::model::{Condition, ModelInput, PassLogits, RunOptions};
@@ -47,8 +48,17 @@ struct PassCtx {
     cos: Tensor,
     sin: Tensor,
     index: Tensor,
-    mask: Tensor,
     len: usize,
+    slots: Vec<usize>,
+    /// Slots a query may attend to at all (all, unless never-written ones are masked).
+    visible: Vec<bool>,
+    /// Additive `[k, len]` mask for candle's attention; `None` on the CPU fast path.
+    mask: Option<Tensor>,
+}
+
+/// Whether the CPU kernels of [`cpu_kernels`] run this model's attention.
+fn fast_attention(dev: &Device, dtype: DType) -> bool {
+    dev.is_cpu() && dtype == DType::F32
 }
 
 impl Attention {
@@ -65,9 +75,21 @@ impl Attention {
         let q = rope2d::apply(&split(0)?, &ctx.cos, &ctx.sin)?;
         let key = rope2d::apply(&split(1)?, &ctx.cos, &ctx.sin)?;
         let value = split(2)?;
-        let (keys, values) = kv.write_and_view(&ctx.index, &key, &value, ctx.len)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&ctx.mask.to_dtype(q.dtype())?)?;
+        let Some(mask) = &ctx.mask else {
+            kv.write(&ctx.index, &key, &value)?;
+            let (keys, values) = kv.buffers();
+            let op = cpu_kernels::SlotAttention {
+                slots: &ctx.slots,
+                visible: &ctx.visible,
+                len: ctx.len,
+                scale: scale as f32,
+            };
+            let out = q.contiguous()?.apply_op3_no_bwd(keys, values, &op)?;
+            return self.wo.forward(&out.reshape((b * k, dim))?);
+        };
+        let (keys, values) = kv.write_and_view(&ctx.index, &key, &value, ctx.len)?;
+        let att = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&mask.to_dtype(q.dtype())?)?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let out = att
             .matmul(&values)?
@@ -321,15 +343,22 @@ impl Gpt {
         }
         let len = slots.iter().copied().max().unwrap_or(0) + 1;
         // Raster-causal over slots; optionally hide slots never written in this run.
-        let mut mask = vec![0f32; slots.len() * len];
-        for (i, &s) in slots.iter().enumerate() {
-            for j in 0..len {
-                let hidden = j > s || (state.opts.mask_unwritten && !state.written[j]);
-                if hidden {
-                    mask[i * len + j] = f32::NEG_INFINITY;
+        let visible: Vec<bool> = (0..len)
+            .map(|j| !state.opts.mask_unwritten || state.written[j])
+            .collect();
+        let mask = if fast_attention(dev, self.dtype) {
+            None
+        } else {
+            let mut mask = vec![0f32; slots.len() * len];
+            for (i, &s) in slots.iter().enumerate() {
+                for j in 0..len {
+                    if j > s || !visible[j] {
+                        mask[i * len + j] = f32::NEG_INFINITY;
+                    }
                 }
             }
-        }
+            Some(Tensor::from_vec(mask, (slots.len(), len), dev)?)
+        };
         let slot_ids: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
         let slot_t = Tensor::new(slot_ids.as_slice(), dev)?;
         let (cos, sin) = self.rope.select(&slot_t)?;
@@ -343,15 +372,25 @@ impl Gpt {
                 self.cfg.head_dim(),
                 dev,
             )?,
-            mask: Tensor::from_vec(mask, (slots.len(), len), dev)?,
             len,
+            slots: slots.to_vec(),
+            visible,
+            mask,
         };
         let (b, k, dim) = x.dims3()?;
-        let mut h = x.to_dtype(self.dtype)?.reshape((b * k, dim))?;
-        for (layer, kv) in self.layers.iter().zip(state.kv.iter_mut()) {
-            h = layer.forward(&h, b, &ctx, kv)?;
-        }
-        let h = h.reshape((b, k, dim))?;
+        let h = x.to_dtype(self.dtype)?.reshape((b * k, dim))?;
+        // On the CPU the whole pass runs inside candle's thread pool, so that the many short
+        // parallel sections in it fork and join between warm workers instead of handing work
+        // from this thread to the pool and back on every op.
+        let layers = &self.layers;
+        let kvs = &mut state.kv;
+        let h = dev.with_context(|| -> Result<Tensor> {
+            let mut h = h;
+            for (layer, kv) in layers.iter().zip(kvs.iter_mut()) {
+                h = layer.forward(&h, b, &ctx, kv)?;
+            }
+            h.reshape((b, k, dim))
+        })?;
         if want.is_empty() {
             return Ok(PassLogits {
                 cond: vec![],

@@ -170,4 +170,12 @@ impl ImageDecoder for GridDecoder {
     fn decode(&self, tokens: &[u32]) -> anyhow::Result<RgbImage> {
         Ok(self.vq.decode_rgb(tokens, self.grid.0, self.grid.1)?)
     }
+
+    fn grid(&self) -> (usize, usize) {
+        self.grid
+    }
+
+    fn codebook_size(&self) -> usize {
+        self.vq.config().codebook_size
+    }
 }
