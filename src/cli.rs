@@ -362,7 +362,8 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     match &classifier {
         Some(c) => println!(
             "image-space scores by the model's classifier (held-out top-1 of the classifier on real images: {}); Frechet distance to the real images of every {}th class",
-            c.heldout_top1.map_or("unknown".into(), |a| format!("{a:.3}")),
+            c.heldout_top1
+                .map_or("unknown".into(), |a| format!("{a:.3}")),
             c.class_stride
         ),
         None => println!("this model ships no classifier: no image-space scores"),

@@ -84,7 +84,13 @@ impl Classifier {
                 stride: 2,
                 ..Default::default()
             };
-            convs.push(candle_nn::conv2d(cin, cout, kh, cfg, vb.pp(format!("convs.{i}")))?);
+            convs.push(candle_nn::conv2d(
+                cin,
+                cout,
+                kh,
+                cfg,
+                vb.pp(format!("convs.{i}")),
+            )?);
         }
         let (classes, dim) = vb.get_unchecked("head.weight")?.dims2()?;
         let head = candle_nn::linear(dim, classes, vb.pp("head"))?;
@@ -164,7 +170,12 @@ pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> anyhow::Result<f6
         b.mean.len() == d && a.cov.len() == d * d && b.cov.len() == d * d,
         "feature statistics of different sizes"
     );
-    let mean_term: f64 = a.mean.iter().zip(&b.mean).map(|(x, y)| (x - y).powi(2)).sum();
+    let mean_term: f64 = a
+        .mean
+        .iter()
+        .zip(&b.mean)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum();
     let trace = |c: &[f64]| (0..d).map(|i| c[i * d + i]).sum::<f64>();
     let sqrt_a = sym_sqrt(&a.cov, d);
     let m = matmul(&matmul(&sqrt_a, &b.cov, d), &sqrt_a, d);
@@ -291,7 +302,8 @@ mod tests {
 
     #[test]
     fn feature_stats_and_top_k() {
-        let s = FeatureStats::of(&[vec![1.0, 0.0], vec![3.0, 2.0]]).unwrap_or_else(|e| panic!("{e}"));
+        let s =
+            FeatureStats::of(&[vec![1.0, 0.0], vec![3.0, 2.0]]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.mean, vec![2.0, 1.0]);
         assert_eq!(s.cov, vec![2.0, 2.0, 2.0, 2.0]);
         assert!(FeatureStats::of(&[vec![1.0]]).is_err());

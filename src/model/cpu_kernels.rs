@@ -40,7 +40,10 @@ impl PackedWeight {
     /// Packs a `[k, n]` f32 CPU tensor.
     pub fn pack(w: &Tensor) -> Result<Self> {
         let (k, n) = w.dims2()?;
-        let src = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let src = w
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let panels = pack_panels(&src, k, n);
         let len = panels.len();
         Ok(Self {
@@ -82,7 +85,10 @@ pub fn matmul_packed(x: &[f32], panels: &[f32], m: usize, k: usize, n: usize) ->
     let mut y = vec![0f32; m * n];
     if m * k * n >= PARALLEL_MIN && count >= 2 {
         let half = count / 2;
-        let (mut left, mut right) = (vec![0f32; m * half * PANEL], vec![0f32; m * (count - half) * PANEL]);
+        let (mut left, mut right) = (
+            vec![0f32; m * half * PANEL],
+            vec![0f32; m * (count - half) * PANEL],
+        );
         rayon::join(
             || run_panels(x, panels, m, k, 0..half, &mut left),
             || run_panels(x, panels, m, k, half..count, &mut right),
@@ -110,7 +116,14 @@ fn scatter_panels(src: &[f32], first: usize, count: usize, m: usize, n: usize, y
 }
 
 /// Panels `range` of `x . W` into `out` laid out `[panel][m][16]`.
-fn run_panels(x: &[f32], panels: &[f32], m: usize, k: usize, range: std::ops::Range<usize>, out: &mut [f32]) {
+fn run_panels(
+    x: &[f32],
+    panels: &[f32],
+    m: usize,
+    k: usize,
+    range: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     pulp::Arch::new().dispatch(Panels {
         x,
         panels,
@@ -219,43 +232,175 @@ impl CustomOp2 for PackedMatmul {
         };
         let (m, k) = xl.shape().dims2()?;
         if k != self.k || w1 - w0 != self.n.div_ceil(PANEL) * k * PANEL {
-            candle_core::bail!("packed-matmul: [{m}, {k}] x packed [{}, {}]", self.k, self.n);
+            candle_core::bail!(
+                "packed-matmul: [{m}, {k}] x packed [{}, {}]",
+                self.k,
+                self.n
+            );
         }
         let x = &xs.as_slice::<f32>()?[x0..x1];
         let w = &ws.as_slice::<f32>()?[w0..w1];
-        Ok((CpuStorage::F32(matmul_packed(x, w, m, k, self.n)), Shape::from((m, self.n))))
+        Ok((
+            CpuStorage::F32(matmul_packed(x, w, m, k, self.n)),
+            Shape::from((m, self.n)),
+        ))
     }
 }
 
-/// Dot product with 16 independent accumulators, so that it vectorises (a single running sum
-/// is a dependency chain the compiler may not reorder).
+/// A reduction over eight interleaved lanes, so that it vectorises (a single running value is
+/// a dependency chain the compiler may not reorder for floats).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
+fn lanes_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = f(acc[l], c[l]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    acc.iter().fold(tail, |a, &b| f(a, b))
+}
+
+/// `e^x` for `x <= 0` (softmax after subtracting the maximum), written with plain arithmetic
+/// so that a loop of it vectorises: Cody-Waite range reduction and a degree-6 polynomial,
+/// within a few ulps of `f32::exp`. Very negative inputs flush to 0.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// candle custom op: attention of a pass's queries over the slot cache (f32, CPU).
 ///
-/// Inputs: `q [B, H, k, D]`, and the caches `K, V [B, H, S, D]` (the first `len` slots are
-/// used). Query `i` sees slot `j` when `j <= slots[i]` and `visible[j]`. Output `[B, k, H * D]`,
-/// the layout the output projection takes, so no transpose copy follows.
+/// Inputs: `q [B, H, k, D]`, the key cache transposed, `K [B, H, D, S]`, and the value cache
+/// `V [B, H, S, D]` (the first `len` slots are used). Query `i` sees slot `j` when
+/// `j <= slots[i]` and `bias[j]` is 0 (it is `-inf` for hidden slots). Output `[B, k, H * D]`, the layout the output projection
+/// takes, so no transpose copy follows.
 pub struct SlotAttention<'a> {
     /// Slot of each query.
     pub slots: &'a [usize],
-    /// Slots a query may see at all (never-written ones hidden when masking is on).
-    pub visible: &'a [bool],
+    /// Additive mask over the slots: 0, or `-inf` for slots no query may see (never-written
+    /// ones when masking is on).
+    pub bias: &'a [f32],
     /// Slots in use: `max(slots) + 1`.
     pub len: usize,
     /// Softmax scale, `1 / sqrt(D)`.
     pub scale: f32,
+}
+
+impl SlotAttention<'_> {
+    /// One (batch, head): `q [k, D]`, `kt [D, S]`, `v [S, D]` -> `[k, D]`.
+    fn head(&self, q: &[f32], kt: &[f32], v: &[f32], s: usize, d: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.slots.len() * d];
+        pulp::Arch::new().dispatch(Head {
+            op: self,
+            q,
+            kt,
+            v,
+            s,
+            d,
+            out: &mut out,
+        });
+        out
+    }
+}
+
+/// One (batch, head) of [`SlotAttention`], as a `pulp` kernel: the loops below are compiled
+/// for the SIMD level found at run time (a closure would not be inlined into it).
+struct Head<'a, 'b> {
+    op: &'a SlotAttention<'b>,
+    q: &'a [f32],
+    kt: &'a [f32],
+    v: &'a [f32],
+    s: usize,
+    d: usize,
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Head<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let Head {
+            op,
+            q,
+            kt,
+            v,
+            s,
+            d,
+            out,
+        } = self;
+        let mut scores = vec![0f32; op.len];
+        for (i, &slot) in op.slots.iter().enumerate() {
+            // Causal: the slots a query can see are a prefix.
+            let seen = &mut scores[..(slot + 1).min(op.len)];
+            seen.fill(0.0);
+            let qi = &q[i * d..(i + 1) * d];
+            let n = seen.len();
+            // Four key dimensions per sweep: each score is loaded and stored once per four
+            // multiply-adds.
+            let mut c = 0;
+            while c + 4 <= d {
+                let (q0, q1, q2, q3) = (qi[c], qi[c + 1], qi[c + 2], qi[c + 3]);
+                let k0 = &kt[c * s..c * s + n];
+                let k1 = &kt[(c + 1) * s..(c + 1) * s + n];
+                let k2 = &kt[(c + 2) * s..(c + 2) * s + n];
+                let k3 = &kt[(c + 3) * s..(c + 3) * s + n];
+                for ((((sc, &a), &b), &e), &f) in seen.iter_mut().zip(k0).zip(k1).zip(k2).zip(k3) {
+                    *sc += q0 * a + q1 * b + q2 * e + q3 * f;
+                }
+                c += 4;
+            }
+            for (cc, &qc) in qi.iter().enumerate().skip(c) {
+                for (sc, &kv) in seen.iter_mut().zip(&kt[cc * s..cc * s + n]) {
+                    *sc += qc * kv;
+                }
+            }
+            for (sc, &b) in seen.iter_mut().zip(op.bias) {
+                *sc = *sc * op.scale + b;
+            }
+            let max = lanes_fold(seen, f32::NEG_INFINITY, f32::max);
+            for sc in seen.iter_mut() {
+                *sc = exp_nonpositive(*sc - max);
+            }
+            let inv = 1.0 / lanes_fold(seen, 0.0, |a, b| a + b);
+            let oi = &mut out[i * d..(i + 1) * d];
+            // Four slots per sweep over the output row.
+            let mut j = 0;
+            while j + 4 <= n {
+                let (p0, p1, p2, p3) = (
+                    seen[j] * inv,
+                    seen[j + 1] * inv,
+                    seen[j + 2] * inv,
+                    seen[j + 3] * inv,
+                );
+                let v0 = &v[j * d..(j + 1) * d];
+                let v1 = &v[(j + 1) * d..(j + 2) * d];
+                let v2 = &v[(j + 2) * d..(j + 3) * d];
+                let v3 = &v[(j + 3) * d..(j + 4) * d];
+                for ((((o, &a), &b), &e), &f) in oi.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3) {
+                    *o += p0 * a + p1 * b + p2 * e + p3 * f;
+                }
+                j += 4;
+            }
+            for (jj, &p) in seen.iter().enumerate().skip(j) {
+                let p = p * inv;
+                for (o, &vv) in oi.iter_mut().zip(&v[jj * d..(jj + 1) * d]) {
+                    *o += vv * p;
+                }
+            }
+        }
+    }
 }
 
 impl CustomOp3 for SlotAttention<'_> {
@@ -280,59 +425,37 @@ impl CustomOp3 for SlotAttention<'_> {
             candle_core::bail!("slot-attention needs contiguous inputs");
         };
         let (b, h, k, d) = ql.shape().dims4()?;
-        let (_, _, s, _) = kl.shape().dims4()?;
-        if kl.shape() != vl.shape() || self.slots.len() != k || self.len > s || self.visible.len() < self.len {
+        let (vb, vh, s, vd) = vl.shape().dims4()?;
+        if kl.shape().dims() != [b, h, d, s]
+            || (vb, vh, vd) != (b, h, d)
+            || self.slots.len() != k
+            || self.len > s
+            || self.bias.len() < self.len
+        {
             candle_core::bail!("slot-attention: inconsistent shapes");
         }
         let q = &qs.as_slice::<f32>()?[q0..q1];
         let kc = &ks.as_slice::<f32>()?[k0..k1];
         let vc = &vs.as_slice::<f32>()?[v0..v1];
-        let heads: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).map(move |hi| (bi, hi))).collect();
-        let one = |&(bi, hi): &(usize, usize)| -> Vec<f32> {
-            let base = (bi * h + hi) * s * d;
-            let keys = &kc[base..base + self.len * d];
-            let values = &vc[base..base + self.len * d];
-            let mut out = vec![0f32; k * d];
-            let mut scores = vec![0f32; self.len];
-            pulp::Arch::new().dispatch(|| {
-                for (i, &slot) in self.slots.iter().enumerate() {
-                    let qi = &q[((bi * h + hi) * k + i) * d..][..d];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        *sc = if j <= slot && self.visible[j] {
-                            dot(qi, &keys[j * d..(j + 1) * d]) * self.scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = if *sc == f32::NEG_INFINITY { 0.0 } else { (*sc - max).exp() };
-                        sum += *sc;
-                    }
-                    let oi = &mut out[i * d..(i + 1) * d];
-                    for (j, &p) in scores.iter().enumerate() {
-                        if p != 0.0 {
-                            let p = p / sum;
-                            for (o, &v) in oi.iter_mut().zip(&values[j * d..(j + 1) * d]) {
-                                *o += v * p;
-                            }
-                        }
-                    }
-                }
-            });
-            out
+        let one = |bh: usize| {
+            self.head(
+                &q[bh * k * d..(bh + 1) * k * d],
+                &kc[bh * d * s..(bh + 1) * d * s],
+                &vc[bh * s * d..(bh + 1) * s * d],
+                s,
+                d,
+            )
         };
-        let per_head: Vec<Vec<f32>> = if b * h * k * self.len * d >= PARALLEL_MIN {
+        let per_head: Vec<Vec<f32>> = if b * h * k * self.len * d >= 2 * PARALLEL_MIN {
             use rayon::prelude::*;
-            heads.par_iter().map(one).collect()
+            (0..b * h).into_par_iter().map(one).collect()
         } else {
-            heads.iter().map(one).collect()
+            (0..b * h).map(one).collect()
         };
         // [B, H, k, D] pieces -> [B, k, H * D]
         let mut y = vec![0f32; b * k * h * d];
-        for (&(bi, hi), o) in heads.iter().zip(&per_head) {
+        for (bh, o) in per_head.iter().enumerate() {
+            let (bi, hi) = (bh / h, bh % h);
             for i in 0..k {
                 let dst = ((bi * k + i) * h + hi) * d;
                 y[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
@@ -350,10 +473,79 @@ mod tests {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for c in 0..n {
-                y[i * n + c] = (0..k).map(|j| x[i * k + j] as f64 * w[j * n + c] as f64).sum::<f64>() as f32;
+                y[i * n + c] = (0..k)
+                    .map(|j| x[i * k + j] as f64 * w[j * n + c] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
+    }
+
+    #[test]
+    fn fast_exp_is_close_to_exp() {
+        for i in 0..1740 {
+            let x = -(i as f32) * 0.05; // down to -86.95; below -87 the result is clamped
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            assert!(
+                (got - want).abs() <= 4.0 * f32::EPSILON * want.max(f32::MIN_POSITIVE),
+                "{x}: {got} vs {want}"
+            );
+        }
+        let floor = (-87f32).exp();
+        assert!((exp_nonpositive(-1000.0) - floor).abs() <= 4.0 * f32::EPSILON * floor);
+    }
+
+    #[test]
+    fn slot_attention_matches_a_direct_softmax() -> Result<()> {
+        use candle_core::{Device, Tensor};
+        let dev = Device::Cpu;
+        let (b, h, k, d, s) = (2, 3, 2, 5, 7);
+        let q = Tensor::randn(0f32, 1.0, (b, h, k, d), &dev)?;
+        let kc = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
+        let vc = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
+        let slots = [3usize, 5];
+        let visible = [true, false, true, true, true, true];
+        let bias: Vec<f32> = visible
+            .iter()
+            .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let op = SlotAttention {
+            slots: &slots,
+            bias: &bias,
+            len: 6,
+            scale: 0.4,
+        };
+        let got = q.apply_op3_no_bwd(&kc.transpose(2, 3)?.contiguous()?, &vc, &op)?;
+        let q4: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let k4: Vec<f32> = kc.flatten_all()?.to_vec1()?;
+        let v4: Vec<f32> = vc.flatten_all()?.to_vec1()?;
+        let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
+        for bi in 0..b {
+            for hi in 0..h {
+                for (i, &slot) in slots.iter().enumerate() {
+                    let bh = bi * h + hi;
+                    let qi = &q4[(bh * k + i) * d..][..d];
+                    let w: Vec<f64> = (0..=slot)
+                        .map(|j| {
+                            if !visible[j] {
+                                return 0.0;
+                            }
+                            let kj = &k4[(bh * s + j) * d..][..d];
+                            (qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() as f64 * 0.4).exp()
+                        })
+                        .collect();
+                    let z: f64 = w.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..=slot)
+                            .map(|j| w[j] / z * v4[(bh * s + j) * d + c] as f64)
+                            .sum();
+                        let at = ((bi * k + i) * h + hi) * d + c;
+                        assert!((got[at] as f64 - want).abs() < 1e-5, "{bi} {hi} {i} {c}");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]
@@ -363,12 +555,23 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        for &(m, k, n) in &[(1, 7, 5), (3, 13, 33), (2, 256, 768), (16, 64, 1024), (5, 257, 100), (70, 9, 40)] {
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (3, 13, 33),
+            (2, 256, 768),
+            (16, 64, 1024),
+            (5, 257, 100),
+            (70, 9, 40),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let got = matmul_packed(&x, &pack_panels(&w, k, n), m, k, n);
             let want = naive(&x, &w, m, k, n);
-            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(err < 1e-4, "{m}x{k}x{n}: {err}");
         }
     }

@@ -43,7 +43,9 @@ impl CodePalette {
             let grid: Vec<u32> = (0..cells).map(|i| ((start + i) % codes) as u32).collect();
             let image = decoder.decode(&grid)?;
             anyhow::ensure!(
-                image.width % w == 0 && image.height % h == 0 && image.width / w == image.height / h,
+                image.width % w == 0
+                    && image.height % h == 0
+                    && image.width / w == image.height / h,
                 "the decoder's {}x{} image does not tile a {h}x{w} grid",
                 image.width,
                 image.height

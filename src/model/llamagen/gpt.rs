@@ -10,7 +10,7 @@ use super::config::GptConfig;
 use super::rope2d::{self, Rope2d};
 use crate::model::cpu_kernels;
 use crate::model::dense::Dense;
-use crate::model::kv::{LayerKv, slot_index};
+use crate::model::kv::{KeyLayout, LayerKv, SlotIndex};
 use crate::model::{Condition, ModelInput, PassLogits, RunOptions};
 
 #[derive(Debug)]
@@ -47,18 +47,23 @@ struct Block {
 struct PassCtx {
     cos: Tensor,
     sin: Tensor,
-    index: Tensor,
+    index: SlotIndex,
     len: usize,
     slots: Vec<usize>,
-    /// Slots a query may attend to at all (all, unless never-written ones are masked).
-    visible: Vec<bool>,
+    /// 0 for slots a query may attend to at all, `-inf` for never-written ones when masked.
+    bias: Vec<f32>,
     /// Additive `[k, len]` mask for candle's attention; `None` on the CPU fast path.
     mask: Option<Tensor>,
 }
 
-/// Whether the CPU kernels of [`cpu_kernels`] run this model's attention.
-fn fast_attention(dev: &Device, dtype: DType) -> bool {
-    dev.is_cpu() && dtype == DType::F32
+/// The key layout of the cache: transposed for the CPU attention kernel of [`cpu_kernels`]
+/// (f32 on the CPU), slot-major for candle's attention elsewhere.
+fn key_layout(dev: &Device, dtype: DType) -> KeyLayout {
+    if dev.is_cpu() && dtype == DType::F32 {
+        KeyLayout::Transposed
+    } else {
+        KeyLayout::SlotMajor
+    }
 }
 
 impl Attention {
@@ -81,7 +86,7 @@ impl Attention {
             let (keys, values) = kv.buffers();
             let op = cpu_kernels::SlotAttention {
                 slots: &ctx.slots,
-                visible: &ctx.visible,
+                bias: &ctx.bias,
                 len: ctx.len,
                 scale: scale as f32,
             };
@@ -278,6 +283,7 @@ impl Gpt {
                     self.cfg.n_head,
                     slots_total,
                     self.cfg.head_dim(),
+                    key_layout(&self.device, self.dtype),
                     self.dtype,
                     &self.device,
                 )
@@ -346,7 +352,8 @@ impl Gpt {
         let visible: Vec<bool> = (0..len)
             .map(|j| !state.opts.mask_unwritten || state.written[j])
             .collect();
-        let mask = if fast_attention(dev, self.dtype) {
+        let layout = key_layout(dev, self.dtype);
+        let mask = if layout == KeyLayout::Transposed {
             None
         } else {
             let mut mask = vec![0f32; slots.len() * len];
@@ -365,16 +372,20 @@ impl Gpt {
         let ctx = PassCtx {
             cos,
             sin,
-            index: slot_index(
+            index: SlotIndex::new(
                 slots,
                 state.batch,
                 self.cfg.n_head,
                 self.cfg.head_dim(),
+                layout,
                 dev,
             )?,
             len,
             slots: slots.to_vec(),
-            visible,
+            bias: visible
+                .iter()
+                .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
+                .collect(),
             mask,
         };
         let (b, k, dim) = x.dims3()?;
