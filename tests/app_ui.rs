@@ -222,3 +222,52 @@ fn a_model_loaded_for_the_first_time_brings_its_recommended_settings() {
     h.step();
     assert_eq!(h.state().settings.cfg, 1.5);
 }
+
+#[test]
+fn an_adaptive_run_with_rejections_shows_its_actual_pass_count_everywhere() {
+    // Hot sampling on the tiny model makes drafts disagree with their verification, so some
+    // are rejected and the run takes more passes than the fixed s_min plan.
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(out.path());
+    s.mode = Mode::Adaptive;
+    s.window = 2;
+    s.greedy = false;
+    s.temperature = 3.0;
+    let mut h = harness(s);
+    step_until(&mut h, "the model", model_ready);
+    type_prompt(&mut h, "cat");
+    let mut found = false;
+    for seed in 0..30 {
+        h.state_mut().settings.seed = seed;
+        h.state_mut().generate(false);
+        step_until(&mut h, "the run", finished);
+        let run = h.state().runs().next().cloned().expect("a run");
+        let trace = run.trace.as_ref().expect("a finished run has a trace");
+        if trace.passes <= run.planned_passes {
+            continue;
+        }
+        found = true;
+        assert!(trace.rejections_of.iter().any(|&r| r > 0));
+        // One number for every view: the stats, the replay range, the pass legend.
+        assert_eq!(run.passes(), trace.passes);
+        assert_eq!(run.passes_done(), trace.passes);
+        let last = trace.pass_of.iter().copied().max().expect("cells");
+        assert_eq!(
+            last + 1,
+            run.passes(),
+            "the last cell's pass is inside the range"
+        );
+        assert!(
+            run.pass_of
+                .iter()
+                .all(|p| p.is_some_and(|p| p < run.passes()))
+        );
+        let label = format!("{} vs 30 NTP", trace.passes);
+        assert!(
+            h.query_by_label_contains(&label).is_some(),
+            "the stats show the actual count ({label})"
+        );
+        break;
+    }
+    assert!(found, "no seed produced a rejection that cost a pass");
+}

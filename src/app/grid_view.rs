@@ -55,7 +55,7 @@ pub fn grid_ui(
             Color32::WHITE,
         );
     }
-    let max_pass = run.total_passes.saturating_sub(1).max(1) as f32;
+    let max_pass = run.passes().saturating_sub(1).max(1) as f32;
     let max_rej = run.rejections.iter().copied().max().unwrap_or(0).max(1) as f32;
     for i in 0..h * w {
         let r = cell_rect(i);
@@ -117,7 +117,7 @@ pub fn grid_ui(
 pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
     let (lo, hi, what) = match mode {
         ViewMode::PassMap | ViewMode::Overlay => {
-            (0, run.total_passes.saturating_sub(1), "forward pass")
+            (0, run.passes().saturating_sub(1), "forward pass")
         }
         ViewMode::WindowMap => (0, run.grid.1, "window (tokens of the row above)"),
         ViewMode::Rejections => (

@@ -528,11 +528,11 @@ impl StudioApp {
         else {
             return;
         };
-        if run.total_passes == 0 {
+        if run.passes() == 0 {
             ui.spinner();
             return;
         }
-        let frac = run.passes_done() as f32 / run.total_passes as f32;
+        let frac = run.passes_done() as f32 / run.passes() as f32;
         ui.add(
             egui::ProgressBar::new(frac)
                 .desired_width(220.0)
@@ -540,7 +540,7 @@ impl StudioApp {
                     "{}: {} / {} passes · {:.1} s",
                     run.label,
                     run.passes_done(),
-                    run.total_passes,
+                    run.passes(),
                     run.elapsed.as_secs_f32()
                 )),
         );
@@ -778,17 +778,16 @@ impl StudioApp {
                     ui.strong(format!("{} — {}", run.label, status_text(&run.status)));
                     let done = run.status == RunStatus::Done;
                     let upto = if done {
-                        lane.replay.unwrap_or(run.total_passes)
+                        lane.replay.unwrap_or(run.passes())
                     } else {
                         usize::MAX
                     };
                     grid_view::grid_ui(ui, run, view, lane.texture.as_ref(), upto, side);
                     grid_view::legend_ui(ui, view, run);
-                    if done && run.total_passes > 1 {
-                        let mut p = lane.replay.unwrap_or(run.total_passes);
-                        let r = ui.add(
-                            egui::Slider::new(&mut p, 1..=run.total_passes).text("replay passes"),
-                        );
+                    if done && run.passes() > 1 {
+                        let mut p = lane.replay.unwrap_or(run.passes());
+                        let r = ui
+                            .add(egui::Slider::new(&mut p, 1..=run.passes()).text("replay passes"));
                         if r.changed() {
                             lane.replay = Some(p);
                         }
@@ -816,7 +815,7 @@ fn stats_ui(ui: &mut egui::Ui, run: &RunView) {
     let passes = if run.status == RunStatus::Done {
         run.passes_done()
     } else {
-        run.total_passes
+        run.passes()
     };
     egui::Grid::new(("stats", run.job))
         .num_columns(2)

@@ -33,8 +33,8 @@ pub struct RunView {
     pub params: GenerateParams,
     /// Grid (rows, columns).
     pub grid: (usize, usize),
-    /// Passes planned.
-    pub total_passes: usize,
+    /// Passes the schedule planned (an adaptive run may take more: see [`RunView::passes`]).
+    pub planned_passes: usize,
     /// Token per cell (raster order).
     pub tokens: Vec<Option<u32>>,
     /// Pass per cell.
@@ -73,7 +73,7 @@ impl RunView {
             label,
             params,
             grid: (0, 0),
-            total_passes: 0,
+            planned_passes: 0,
             tokens: Vec::new(),
             pass_of: Vec::new(),
             window_of: Vec::new(),
@@ -91,6 +91,16 @@ impl RunView {
         }
     }
 
+    /// The run's pass count, the one number every view uses: the actual count once the run
+    /// has finished (adaptive rejections add passes to the plan), else the plan, or the passes
+    /// done when they already exceed it.
+    pub fn passes(&self) -> usize {
+        match &self.trace {
+            Some(t) => t.passes,
+            None => self.planned_passes.max(self.passes_done()),
+        }
+    }
+
     /// Passes done so far.
     pub fn passes_done(&self) -> usize {
         self.pass_ms.len()
@@ -102,10 +112,10 @@ impl RunView {
     }
 
     /// The generation started.
-    pub fn on_started(&mut self, total_passes: usize, grid: (usize, usize)) {
+    pub fn on_started(&mut self, planned_passes: usize, grid: (usize, usize)) {
         let n = grid.0 * grid.1;
         self.grid = grid;
-        self.total_passes = total_passes;
+        self.planned_passes = planned_passes;
         self.tokens = vec![None; n];
         self.pass_of = vec![None; n];
         self.window_of = vec![None; n];
