@@ -9,6 +9,13 @@ use serde::Serialize;
 use crate::decode::{Flow, GenerateParams, Mode, generate};
 use crate::model::{Condition, ImageArModel};
 
+/// The build profile of this binary ("release" or "debug"), printed with every benchmark.
+pub const BUILD_PROFILE: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
+
 /// One decoding setting to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Setting {

@@ -394,14 +394,22 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let base = base_params(&model, args.cfg, args.greedy)?;
     let results = bench::run_bench(&mut model, &conds, base, &settings, &args.seeds)?;
     println!(
-        "{} images per setting ({} conditions x {} seeds), device {}, {}, cfg {}",
+        "{} images per setting ({} conditions x {} seeds), device {}, {}, cfg {}; {} build, {} threads",
         conds.len() * args.seeds.len(),
         conds.len(),
         args.seeds.len(),
         args.device,
         base.sampling,
-        base.cfg_scale
+        base.cfg_scale,
+        bench::BUILD_PROFILE,
+        candle_core::utils::get_num_threads(),
     );
+    if bench::BUILD_PROFILE != "release" {
+        eprintln!(
+            "warning: a {} build: time a release build (cargo run --release -- bench)",
+            bench::BUILD_PROFILE
+        );
+    }
     print!("{}", bench::table(&results));
     if let Some(kb) = peak_rss_kb() {
         println!(

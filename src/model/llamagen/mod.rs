@@ -168,7 +168,9 @@ struct GridDecoder {
 
 impl ImageDecoder for GridDecoder {
     fn decode(&self, tokens: &[u32]) -> anyhow::Result<RgbImage> {
-        Ok(self.vq.decode_rgb(tokens, self.grid.0, self.grid.1)?)
+        // Inside candle's thread pool, like the GPT's passes (see `Gpt::forward_embeds`).
+        let dev = self.vq.device().clone();
+        Ok(dev.with_context(|| self.vq.decode_rgb(tokens, self.grid.0, self.grid.1))?)
     }
 
     fn grid(&self) -> (usize, usize) {

@@ -1,19 +1,42 @@
 //! The decoder half of LlamaGen's VQ tokenizer (tokenizer/tokenizer_image/vq_model.py):
 //! codes -> l2-normalised codebook vectors -> post_quant_conv -> convolutional decoder.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
 use super::config::VqConfig;
+use crate::model::cpu_kernels::PackedConv;
 
 const GN_EPS: f64 = 1e-6;
 
-fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> Result<Conv2d> {
+/// A convolution in the form its device runs fastest: the packed CPU kernel for f32 on the
+/// CPU (see `cpu_kernels::PackedConv`), candle's conv2d elsewhere.
+#[derive(Debug)]
+enum Conv {
+    Candle(Conv2d),
+    Packed(PackedConv),
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Conv::Candle(c) => c.forward(x),
+            Conv::Packed(p) => p.forward(x),
+        }
+    }
+}
+
+fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> Result<Conv> {
     let cfg = Conv2dConfig {
         padding: k / 2,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    let c = candle_nn::conv2d(cin, cout, k, cfg, vb)?;
+    if c.weight().device().is_cpu() && c.weight().dtype() == DType::F32 {
+        Ok(Conv::Packed(PackedConv::new(c.weight(), c.bias())?))
+    } else {
+        Ok(Conv::Candle(c))
+    }
 }
 
 fn norm(groups: usize, ch: usize, vb: VarBuilder) -> Result<GroupNorm> {
@@ -23,10 +46,10 @@ fn norm(groups: usize, ch: usize, vb: VarBuilder) -> Result<GroupNorm> {
 #[derive(Debug)]
 struct ResBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    nin_shortcut: Option<Conv2d>,
+    conv2: Conv,
+    nin_shortcut: Option<Conv>,
 }
 
 impl ResBlock {
@@ -59,10 +82,10 @@ impl Module for ResBlock {
 #[derive(Debug)]
 struct AttnBlock {
     norm: GroupNorm,
-    q: Conv2d,
-    k: Conv2d,
-    v: Conv2d,
-    proj_out: Conv2d,
+    q: Conv,
+    k: Conv,
+    v: Conv,
+    proj_out: Conv,
 }
 
 impl AttnBlock {
@@ -99,7 +122,7 @@ impl Module for AttnBlock {
 enum Layer {
     Res(ResBlock),
     Attn(AttnBlock),
-    Upsample(Conv2d),
+    Upsample(Conv),
 }
 
 impl Module for Layer {
@@ -120,11 +143,11 @@ impl Module for Layer {
 pub struct VqDecoder {
     cfg: VqConfig,
     codebook: Tensor,
-    post_quant_conv: Conv2d,
-    conv_in: Conv2d,
+    post_quant_conv: Conv,
+    conv_in: Conv,
     layers: Vec<Layer>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl VqDecoder {
@@ -199,6 +222,11 @@ impl VqDecoder {
     /// The configuration.
     pub fn config(&self) -> &VqConfig {
         &self.cfg
+    }
+
+    /// The device its weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.codebook.device()
     }
 
     /// Decodes `[h * w]` codes (raster order) to `[1, 3, H, W]` values in about [-1, 1].
