@@ -215,16 +215,24 @@ pub fn condition_for(
         (None, Some(p)) => {
             let Some(file) = &model.manifest.classes else {
                 anyhow::bail!(
-                    "this model has no class names to match the prompt {p:?} against: use --class"
+                    "this model has no class names to match the prompt {} against: use --class",
+                    crate::prompt::shown(p)
                 );
             };
             let index = ClassIndex::load(&model.dir.join(file))?;
             let Some(m) = index.best(p) else {
-                anyhow::bail!("no class matches the prompt {p:?}: try other words or --class");
+                anyhow::bail!(
+                    "no class matches the prompt {}: try other words or --class",
+                    crate::prompt::shown(p)
+                );
             };
             eprintln!(
-                "prompt {p:?} -> class {} \"{}\" ({:?} match, score {:.2})",
-                m.id, m.name, m.kind, m.score
+                "prompt {} -> class {} \"{}\" ({:?} match, score {:.2})",
+                crate::prompt::shown(p),
+                m.id,
+                m.name,
+                m.kind,
+                m.score
             );
             if m.is_weak() {
                 eprintln!("warning: weak match; pick a class with --class if this is not it");

@@ -19,6 +19,33 @@ pub struct ClassInfo {
     /// Looser descriptive words.
     #[serde(default)]
     pub keywords: Vec<String>,
+    /// The emoji's code points (`1F34E`, `1F1EA-1F1EC`), for classes that are emoji: typing
+    /// the emoji itself picks the class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unified: Option<String>,
+}
+
+/// The code points of the non-ASCII characters of `text` as upper-case hex joined by `-`,
+/// without variation selectors (U+FE0F) or joiners' spacing: `"🍎"` -> `"1F34E"`.
+fn code_points(text: &str) -> String {
+    let cps: Vec<String> = text
+        .trim()
+        .chars()
+        .filter(|&c| !c.is_ascii() && c != '\u{FE0F}' && c != '\u{FE0E}')
+        .map(|c| format!("{:X}", c as u32))
+        .collect();
+    cps.join("-")
+}
+
+/// A prompt as shown back in messages: at most 60 characters, with the full length noted.
+pub fn shown(prompt: &str) -> String {
+    let n = prompt.chars().count();
+    if n <= 60 {
+        format!("{prompt:?}")
+    } else {
+        let head: String = prompt.chars().take(57).collect();
+        format!("{:?} ({n} characters)", format!("{head}..."))
+    }
 }
 
 /// How a prompt matched a class.
@@ -162,6 +189,27 @@ impl ClassIndex {
 
     /// Classes ranked for a prompt, best first (for the searchable picker).
     pub fn ranked(&self, prompt: &str, limit: usize) -> Vec<ClassMatch> {
+        let typed = code_points(prompt);
+        if !typed.is_empty() {
+            let without_fe0f = |u: &str| {
+                u.split('-')
+                    .filter(|p| !p.eq_ignore_ascii_case("FE0F"))
+                    .collect::<Vec<_>>()
+                    .join("-")
+            };
+            if let Some(c) = self
+                .classes
+                .iter()
+                .find(|c| c.unified.as_deref().map(without_fe0f).as_deref() == Some(typed.as_str()))
+            {
+                return vec![ClassMatch {
+                    id: c.id,
+                    name: c.name.clone(),
+                    kind: MatchKind::Exact,
+                    score: 1.0,
+                }];
+            }
+        }
         let p = words(prompt);
         if p.is_empty() {
             return Vec::new();
@@ -187,8 +235,10 @@ impl ClassIndex {
             let common = p.iter().filter(|w| names.contains(w)).count();
             let union = names.len() + p.len() - common;
             let kw = p.iter().filter(|w| self.keywords[i].contains(w)).count();
+            // Keywords (the emoji's category words) only break ties between names: with more
+            // weight, "a cute cat" picked "crying cat face" (category "cat-face") over "cat face".
             let overlap =
-                common as f32 / union.max(1) as f32 * 0.95 + 0.2 * kw as f32 / p.len() as f32;
+                common as f32 / union.max(1) as f32 * 0.95 + 0.05 * kw as f32 / p.len() as f32;
             if common > 0 || kw > 0 {
                 scored.push((overlap.min(0.99), MatchKind::Words, i));
                 continue;
@@ -250,6 +300,7 @@ mod tests {
             name: name.into(),
             short_names: short.iter().map(|s| s.to_string()).collect(),
             keywords: kw.iter().map(|s| s.to_string()).collect(),
+            unified: None,
         };
         ClassIndex::new(vec![
             c(0, "pineapple", &["pineapple"], &["food", "fruit"]),
@@ -286,6 +337,7 @@ mod tests {
             name: name.into(),
             short_names: vec![short.into()],
             keywords: vec!["places".into()],
+            unified: None,
         };
         let index = ClassIndex::new(vec![
             c(699, "evergreen tree", "evergreen_tree"),
@@ -302,6 +354,58 @@ mod tests {
         // A shared word beats a close spelling ("tree" / "three").
         let m = index.best("tree").unwrap();
         assert_eq!((m.id, m.kind), (699, MatchKind::Words));
+    }
+
+    #[test]
+    fn category_words_do_not_outweigh_the_name() {
+        // Emoji data: "cat face" is an animal, "crying cat face" is in the "cat-face" group.
+        let c = |id, name: &str, short: &str, kw: &[&str]| ClassInfo {
+            id,
+            name: name.into(),
+            short_names: vec![short.into()],
+            keywords: kw.iter().map(|s| s.to_string()).collect(),
+            unified: None,
+        };
+        let index = ClassIndex::new(vec![
+            c(
+                90,
+                "crying cat face",
+                "crying_cat_face",
+                &["cat", "emotion", "face", "smileys"],
+            ),
+            c(560, "cat face", "cat", &["animal", "mammal", "nature"]),
+        ]);
+        assert_eq!(index.best("a cute cat").map(|m| m.id), Some(560));
+    }
+
+    #[test]
+    fn typing_the_emoji_itself_picks_its_class() {
+        let c = |id, name: &str, unified: &str| ClassInfo {
+            id,
+            name: name.into(),
+            short_names: vec![],
+            keywords: vec![],
+            unified: Some(unified.into()),
+        };
+        let index = ClassIndex::new(vec![
+            c(723, "red apple", "1F34E"),
+            c(1719, "egypt flag", "1F1EA-1F1EC"),
+            c(1000, "red heart", "2764-FE0F"),
+        ]);
+        let m = index.best("🍎").expect("a match");
+        assert_eq!((m.id, m.kind), (723, MatchKind::Exact));
+        assert_eq!(index.best(" 🇪🇬 ").map(|m| m.id), Some(1719));
+        assert_eq!(index.best("❤️").map(|m| m.id), Some(1000));
+        assert_eq!(index.best("❤").map(|m| m.id), Some(1000));
+        assert!(index.best("🐱").is_none());
+    }
+
+    #[test]
+    fn long_prompts_are_shortened_when_shown() {
+        assert_eq!(shown("red apple"), "\"red apple\"");
+        let long = "cat ".repeat(5000);
+        let s = shown(&long);
+        assert!(s.len() < 100 && s.contains("20000 characters"), "{s}");
     }
 
     #[test]

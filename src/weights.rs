@@ -42,6 +42,16 @@ pub enum WeightsError {
         "weight file {0} holds no tensors (expected a LlamaGen state dict, under the key 'model' or at the top level)"
     )]
     Empty(PathBuf),
+    /// A tensor holds NaN or infinite values.
+    #[error(
+        "weight file {path}: tensor {tensor} holds NaN or infinite values (a diverged or corrupted checkpoint)"
+    )]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+    },
     /// Tensors are missing or have the wrong shape for the config.
     #[error("weight file {path} does not match the model config: {msg}")]
     Mismatch {
@@ -182,8 +192,18 @@ impl Manifest {
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         m.gpt.validate().map_err(&bad)?;
         m.vq.validate().map_err(&bad)?;
-        if m.grid_h == 0 || m.grid_w == 0 {
-            return Err(bad("grid_h and grid_w must be positive".into()));
+        crate::model::llamagen::config::bounded("grid_h", m.grid_h, 1, 512)
+            .and_then(|()| crate::model::llamagen::config::bounded("grid_w", m.grid_w, 1, 512))
+            .map_err(&bad)?;
+        if let Some(need) = m.memory_needed()
+            && let Some(have) = available_memory()
+            && need > have
+        {
+            return Err(bad(format!(
+                "this model needs about {} (weights in f32, KV cache, VQ decoder) but only {} of memory is available",
+                crate::model::llamagen::human_bytes(need as f64),
+                crate::model::llamagen::human_bytes(have as f64)
+            )));
         }
         if m.gpt.vocab_size != m.vq.codebook_size {
             return Err(bad(format!(
@@ -219,6 +239,35 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// Rough memory a CPU run needs, in bytes: the GPT in f32, its KV cache (both CFG
+    /// halves), and the VQ decoder's largest activations; `None` on overflow.
+    pub fn memory_needed(&self) -> Option<u64> {
+        let g = &self.gpt;
+        let slots = (g.cls_token_num as u64)
+            .checked_add((self.grid_h as u64).checked_mul(self.grid_w as u64)?)?;
+        let weights = (g.num_params() as u64).checked_mul(4)?;
+        let kv = 2u64 * 2 * g.n_layer as u64 * slots * g.dim as u64 * 4;
+        let ds = self.vq.downsample() as u64;
+        let (ph, pw) = (self.grid_h as u64 * ds, self.grid_w as u64 * ds);
+        let widest = self.vq.ch as u64 * self.vq.ch_mult.iter().copied().max().unwrap_or(1) as u64;
+        // a few live activation maps at full resolution, plus im2col scratch
+        let vq = ph
+            .checked_mul(pw)?
+            .checked_mul(widest)?
+            .checked_mul(4 * 6)?;
+        weights.checked_add(kv)?.checked_add(vq)
+    }
+}
+
+/// Memory the system can still give this process (Linux: MemAvailable), if known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Reads every tensor of a weight file into memory (on the CPU, as stored).
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError> {
     if !path.is_file() {
@@ -237,6 +286,14 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
         candle_core::safetensors::load(path, &Device::Cpu).map_err(corrupt)?
     } else {
         // DDP checkpoints keep the state dict under "model"; FSDP ones at the top.
+        if is_legacy_torch_save(path) {
+            return Err(WeightsError::Corrupt {
+                path: path.to_path_buf(),
+                msg: "this is a legacy (pre-1.6, non-zip) torch.save file, which is not supported: \
+                      re-save it with a current PyTorch (torch.save(torch.load(f), f)) or as .safetensors"
+                    .into(),
+            });
+        }
         let pth = match candle_core::pickle::PthTensors::new(path, Some("model")) {
             Ok(p) if !p.tensor_infos().is_empty() => p,
             _ => candle_core::pickle::PthTensors::new(path, None).map_err(corrupt)?,
@@ -254,7 +311,55 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
     if tensors.is_empty() {
         return Err(WeightsError::Empty(path.to_path_buf()));
     }
+    let tensors = strip_wrapper_prefixes(tensors);
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        if !all_finite(&tensors[name]).map_err(corrupt)? {
+            return Err(WeightsError::NonFinite {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+            });
+        }
+    }
     Ok(tensors)
+}
+
+/// Whether a float tensor holds only finite values (one elementwise op and one reduction:
+/// `t - t` is 0 exactly where `t` is finite and NaN elsewhere). Integer tensors are finite.
+fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let t = t.to_dtype(DType::F32)?;
+    Ok((&t - &t)?.sum_all()?.to_scalar::<f32>()? == 0.0)
+}
+
+/// Key prefixes that training wrappers add in front of a state dict's names: DDP's `module.`
+/// and `torch.compile`'s `_orig_mod.` (in either order, possibly both).
+const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
+
+/// Removes [`WRAPPER_PREFIXES`] from every key, so wrapped checkpoints load as they are.
+fn strip_wrapper_prefixes(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .map(|(mut k, t)| {
+            while let Some(rest) = WRAPPER_PREFIXES.iter().find_map(|p| k.strip_prefix(p)) {
+                k = rest.to_string();
+            }
+            (k, t)
+        })
+        .collect()
+}
+
+/// Whether `path` is a legacy `torch.save` file: a pickle stream (protocol 2+ opens with
+/// 0x80) instead of the zip archive PyTorch writes since 1.6.
+fn is_legacy_torch_save(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 2];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head[0] == 0x80 && (2..=5).contains(&head[1]))
 }
 
 /// A `VarBuilder` over a weight file; building a module from it fails with

@@ -271,3 +271,30 @@ fn an_adaptive_run_with_rejections_shows_its_actual_pass_count_everywhere() {
     }
     assert!(found, "no seed produced a rejection that cost a pass");
 }
+
+#[test]
+fn the_prompt_has_the_keyboard_at_start_and_enter_generates_again_and_again() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut h = harness(settings(out.path()));
+    step_until(&mut h, "the model", model_ready);
+    // No click: keys go wherever the focus is, as for a newcomer typing straight away.
+    h.event(egui::Event::Text("cat".into()));
+    h.step();
+    h.step();
+    assert_eq!(
+        h.state().settings.prompt,
+        "cat",
+        "the typed text reached the prompt"
+    );
+    h.key_press(egui::Key::Enter);
+    step_until(&mut h, "the first run", finished);
+    let first = h.state().runs().next().map(|r| r.job);
+    assert!(first.is_some(), "Enter in a fresh app generates");
+    h.key_press(egui::Key::Enter);
+    step_until(&mut h, "the second run", finished);
+    let second = h.state().runs().next().map(|r| r.job);
+    assert!(
+        second > first,
+        "a second Enter generates again: {first:?} -> {second:?}"
+    );
+}

@@ -97,7 +97,7 @@ def main():
     print("classifier:", meta)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    slim = [{k: c[k] for k in ("id", "name", "short_names", "keywords")} for c in classes]
+    slim = [{k: c[k] for k in ("id", "name", "short_names", "keywords", "unified")} for c in classes]
     with open(os.path.join(out, "classes.json"), "w") as f:
         json.dump(slim, f, separators=(",", ":"))
     if os.path.exists(os.path.join(args.vq, "log.csv")):

@@ -71,6 +71,8 @@ pub struct StudioApp {
     model_job: JobId,
     /// The current model's code thumbnails (live previews), once learned.
     palette: Option<Arc<CodePalette>>,
+    /// Whether the prompt box has been given the keyboard focus at start.
+    prompt_focused: bool,
 }
 
 impl StudioApp {
@@ -100,6 +102,7 @@ impl StudioApp {
             last_matched_prompt: String::new(),
             model_job: 0,
             palette: None,
+            prompt_focused: false,
         };
         let source = match &app.settings.model_dir {
             Some(d) => ModelSource::Dir(d.clone()),
@@ -472,9 +475,17 @@ impl StudioApp {
                 .hint_text("e.g. red apple")
                 .desired_width(280.0);
             let resp = ui.add(edit).labelled_by(label.id);
+            // A newcomer types first: the prompt has the keyboard from the first frame.
+            if !self.prompt_focused {
+                resp.request_focus();
+                self.prompt_focused = true;
+            }
             if resp.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter)) {
                 self.update_match();
                 self.generate(false);
+                // Enter takes the focus from a single-line edit: give it back, so that the
+                // next Enter generates again.
+                resp.request_focus();
             }
             let ready = matches!(self.model, ModelState::Ready(_));
             if ui

@@ -102,10 +102,33 @@ impl GptConfig {
         self.vocab_size * d + cond + self.n_layer * block + d + d * self.vocab_size
     }
 
-    /// Checks the sizes fit together.
+    /// Checks the sizes fit together and each is within reason (before anything is allocated:
+    /// a typo like `dim: 1000000` must be an error, not an abort).
     pub fn validate(&self) -> Result<(), String> {
         if self.dim == 0 || self.n_head == 0 || self.n_layer == 0 || self.vocab_size == 0 {
             return Err("dim, n_head, n_layer and vocab_size must be positive".into());
+        }
+        bounded("dim", self.dim, 1, 16_384)?;
+        bounded("n_layer", self.n_layer, 1, 512)?;
+        bounded("n_head", self.n_head, 1, 512)?;
+        bounded("vocab_size", self.vocab_size, 1, 1 << 20)?;
+        bounded("num_classes", self.num_classes, 0, 1 << 20)?;
+        bounded("cls_token_num", self.cls_token_num, 1, 4096)?;
+        bounded("multiple_of", self.multiple_of, 1, 1 << 16)?;
+        if let Some(c) = self.caption_dim {
+            bounded("caption_dim", c, 1, 65_536)?;
+        }
+        if let Some(f) = self.ffn_hidden {
+            bounded("ffn_hidden", f, 1, 1 << 18)?;
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0) {
+            return Err(format!(
+                "rope_base must be a finite number above 1, got {}",
+                self.rope_base
+            ));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return Err(format!("norm_eps must be in (0, 1), got {}", self.norm_eps));
         }
         if !self.dim.is_multiple_of(self.n_head) {
             return Err(format!(
@@ -123,6 +146,15 @@ impl GptConfig {
             return Err("a class-conditional model needs num_classes > 0".into());
         }
         Ok(())
+    }
+}
+
+/// `Err` naming the field unless `lo <= value <= hi`.
+pub fn bounded(name: &str, value: usize, lo: usize, hi: usize) -> Result<(), String> {
+    if (lo..=hi).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{name} must be between {lo} and {hi}, got {value}"))
     }
 }
 
@@ -189,8 +221,18 @@ impl VqConfig {
         1 << self.ch_mult.len().saturating_sub(1)
     }
 
-    /// Checks the sizes fit together.
+    /// Checks the sizes fit together and each is within reason.
     pub fn validate(&self) -> Result<(), String> {
+        bounded("VQ codebook_size", self.codebook_size, 1, 1 << 20)?;
+        bounded("VQ codebook_embed_dim", self.codebook_embed_dim, 1, 4096)?;
+        bounded("VQ z_channels", self.z_channels, 1, 4096)?;
+        bounded("VQ ch", self.ch, 1, 4096)?;
+        bounded("VQ ch_mult levels", self.ch_mult.len(), 1, 8)?;
+        for &m in &self.ch_mult {
+            bounded("VQ ch_mult entries", m, 1, 64)?;
+        }
+        bounded("VQ num_res_blocks", self.num_res_blocks, 0, 16)?;
+        bounded("VQ norm_groups", self.norm_groups, 1, 4096)?;
         if self.ch_mult.is_empty() || self.codebook_size == 0 || self.codebook_embed_dim == 0 {
             return Err(
                 "VQ ch_mult, codebook_size and codebook_embed_dim must be non-empty".into(),

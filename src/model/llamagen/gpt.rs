@@ -415,6 +415,11 @@ impl Gpt {
             .forward(&self.norm.forward(&h)?)?
             .to_dtype(DType::F32)?
             .to_vec3::<f32>()?;
+        if logits.iter().flatten().flatten().any(|x| !x.is_finite()) {
+            anyhow::bail!(
+                "the model produced NaN or infinite logits in this pass (slots {slots:?}): its weights or settings are out of range"
+            );
+        }
         let mut it = logits.into_iter();
         let cond = it.next().unwrap_or_default();
         let uncond = it.next();
