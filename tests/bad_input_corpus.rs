@@ -1,0 +1,375 @@
+//! A corpus of bad inputs through the real binary (weights, manifest, prompt, settings, paths):
+//! each must exit with code 2, print exactly one line on stderr (no backtrace, no panic) and
+//! leave no partial output file behind.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use common::fixture;
+
+/// A copy of the tiny fixture, damaged by `damage`.
+fn model_with(damage: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in [
+        "config.json",
+        "gpt.safetensors",
+        "vq.safetensors",
+        "classes.json",
+    ] {
+        std::fs::copy(fixture("tiny").join(f), dir.path().join(f)).expect("copy");
+    }
+    damage(dir.path());
+    dir
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("read")).expect("json");
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).expect("write");
+}
+
+fn edit_tensors(file: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let mut t = candle_core::safetensors::load(file, &Device::Cpu).expect("load");
+    edit(&mut t);
+    candle_core::safetensors::save(&t, file).expect("save");
+}
+
+/// One bad input: a model folder (or path), the flags, and a phrase the error must contain.
+struct Case {
+    name: &'static str,
+    model: Option<tempfile::TempDir>,
+    model_path: Option<PathBuf>,
+    args: Vec<String>,
+    want: &'static str,
+}
+
+fn case(name: &'static str, model: tempfile::TempDir, args: &[&str], want: &'static str) -> Case {
+    Case {
+        name,
+        model: Some(model),
+        model_path: None,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        want,
+    }
+}
+
+fn good() -> tempfile::TempDir {
+    model_with(|_| {})
+}
+
+fn corpus() -> Vec<Case> {
+    let nan = |dir: &Path| {
+        edit_tensors(&dir.join("gpt.safetensors"), |t| {
+            let w = t["layers.0.attention.wo.weight"].clone();
+            let bad = (w * f64::NAN).expect("mul");
+            t.insert("layers.0.attention.wo.weight".into(), bad);
+        })
+    };
+    let long_prompt = "zzqx ".repeat(20_000);
+    let mut v = vec![
+        // weights
+        case(
+            "gpt weights missing",
+            model_with(|d| std::fs::remove_file(d.join("gpt.safetensors")).expect("rm")),
+            &[],
+            "does not exist",
+        ),
+        case(
+            "vq weights truncated",
+            model_with(|d| {
+                let p = d.join("vq.safetensors");
+                let b = std::fs::read(&p).expect("read");
+                std::fs::write(&p, &b[..b.len() / 3]).expect("write");
+            }),
+            &[],
+            "cannot read weight file",
+        ),
+        case(
+            "empty weight file",
+            model_with(|d| std::fs::write(d.join("gpt.safetensors"), b"").expect("w")),
+            &[],
+            "gpt.safetensors",
+        ),
+        case(
+            "text instead of weights",
+            model_with(|d| std::fs::write(d.join("gpt.safetensors"), "hello, world").expect("w")),
+            &[],
+            "cannot read weight file",
+        ),
+        case(
+            "random bytes as a .pt",
+            model_with(|d| {
+                std::fs::write(d.join("gpt.pt"), [7u8; 300]).expect("w");
+                edit_config(d, |v| v["gpt_weights"] = "gpt.pt".into());
+            }),
+            &[],
+            "gpt.pt",
+        ),
+        case(
+            "legacy torch.save",
+            model_with(|d| {
+                std::fs::write(d.join("gpt.pt"), [0x80u8, 0x02, 0x8a, 0x0a, 0x6c, 0xfc])
+                    .expect("w");
+                edit_config(d, |v| v["gpt_weights"] = "gpt.pt".into());
+            }),
+            &[],
+            "legacy",
+        ),
+        case("weights full of NaN", model_with(nan), &[], "NaN"),
+        case(
+            "renamed keys",
+            model_with(|d| {
+                edit_tensors(&d.join("gpt.safetensors"), |t| {
+                    let w = t.remove("norm.weight").expect("norm");
+                    t.insert("final_norm.weight".into(), w);
+                })
+            }),
+            &[],
+            "does not match the model config",
+        ),
+        case(
+            "weights are a folder",
+            model_with(|d| {
+                std::fs::create_dir(d.join("weights_dir")).expect("mkdir");
+                edit_config(d, |v| v["vq_weights"] = "weights_dir".into());
+            }),
+            &[],
+            "weights_dir",
+        ),
+        // manifest
+        case(
+            "no config.json",
+            model_with(|d| std::fs::remove_file(d.join("config.json")).expect("rm")),
+            &[],
+            "not a model folder",
+        ),
+        case(
+            "config is not JSON",
+            model_with(|d| std::fs::write(d.join("config.json"), "{ not json").expect("w")),
+            &[],
+            "invalid model config",
+        ),
+        case(
+            "empty config object",
+            model_with(|d| std::fs::write(d.join("config.json"), "{}").expect("w")),
+            &[],
+            "invalid model config",
+        ),
+        case(
+            "huge grid",
+            model_with(|d| edit_config(d, |v| v["grid_h"] = 100_000.into())),
+            &[],
+            "grid_h must be between",
+        ),
+        case(
+            "huge dim",
+            model_with(|d| edit_config(d, |v| v["dim"] = 1_000_000.into())),
+            &[],
+            "dim must be between",
+        ),
+        case(
+            "no condition slots",
+            model_with(|d| edit_config(d, |v| v["cls_token_num"] = 0.into())),
+            &[],
+            "cls_token_num",
+        ),
+        case(
+            "heads do not divide dim",
+            model_with(|d| edit_config(d, |v| v["n_head"] = 7.into())),
+            &[],
+            "not divisible",
+        ),
+        case(
+            "vocabulary differs from codebook",
+            model_with(|d| edit_config(d, |v| v["vocab_size"] = 77.into())),
+            &[],
+            "codebook",
+        ),
+        case(
+            "unknown model kind",
+            model_with(|d| edit_config(d, |v| v["kind"] = "diffusion".into())),
+            &[],
+            "invalid model config",
+        ),
+        case(
+            "negative size",
+            model_with(|d| edit_config(d, |v| v["grid_w"] = (-1).into())),
+            &[],
+            "invalid model config",
+        ),
+        case(
+            "recommended window out of range",
+            model_with(|d| edit_config(d, |v| v["defaults"] = serde_json::json!({"window": 99}))),
+            &[],
+            "window",
+        ),
+        case(
+            "shapes disagree with config",
+            model_with(|d| edit_config(d, |v| v["ffn_hidden"] = 999.into())),
+            &[],
+            "does not match",
+        ),
+        // prompt
+        case(
+            "prompt matches nothing",
+            good(),
+            &["--prompt", "zzqx"],
+            "no class matches",
+        ),
+        case(
+            "empty prompt",
+            good(),
+            &["--prompt", ""],
+            "no class matches",
+        ),
+        case(
+            "20,000-word prompt",
+            good(),
+            &["--prompt", long_prompt.leak()],
+            "characters)",
+        ),
+        case("no prompt and no class", good(), &["--no-class"], "--class"),
+        case(
+            "class out of range",
+            good(),
+            &["--class", "99999"],
+            "out of range",
+        ),
+        // settings
+        case("window 1", good(), &["--window", "1"], "window"),
+        case(
+            "window wider than the grid",
+            good(),
+            &["--window", "999"],
+            "window",
+        ),
+        case(
+            "temperature 0",
+            good(),
+            &["--temperature", "0"],
+            "temperature",
+        ),
+        case(
+            "temperature NaN",
+            good(),
+            &["--temperature", "NaN"],
+            "temperature",
+        ),
+        case("top-p above 1", good(), &["--top-p", "1.5"], "top-p"),
+        case("negative CFG", good(), &["--cfg=-1"], "cfg"),
+        case(
+            "unknown device",
+            good(),
+            &["--device", "tpu"],
+            "unknown device",
+        ),
+        case(
+            "CUDA not built in",
+            good(),
+            &["--device", "cuda:7"],
+            "not available",
+        ),
+    ];
+    // paths
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    v.push(case(
+        "output folder missing",
+        good(),
+        &["--out", "/no/such/dir/x.png"],
+        "/no/such/dir",
+    ));
+    v.push(case(
+        "output is a folder",
+        good(),
+        &["--out", out_dir.path().to_str().expect("utf8")],
+        "it is a folder",
+    ));
+    v.push(case(
+        "trace folder missing",
+        good(),
+        &["--trace", "/no/such/dir/t.json"],
+        "/no/such/dir",
+    ));
+    v.push(Case {
+        name: "model path is a file",
+        model: None,
+        model_path: Some(fixture("tiny").join("config.json")),
+        args: vec![],
+        want: "not a model folder",
+    });
+    std::mem::forget(out_dir);
+    v
+}
+
+#[test]
+fn every_bad_input_gets_one_line_and_exit_code_2_and_leaves_no_file() {
+    let cases = corpus();
+    assert!(cases.len() >= 30, "the corpus has {} cases", cases.len());
+    let mut failures = Vec::new();
+    for c in &cases {
+        let work = tempfile::tempdir().expect("tempdir");
+        let png = work.path().join("out.png");
+        let trace = work.path().join("trace.json");
+        let model = c
+            .model
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .or(c.model_path.clone())
+            .expect("a model");
+        let mut args: Vec<String> = vec!["generate".into(), "--quiet".into(), "--model".into()];
+        args.push(model.to_string_lossy().into_owned());
+        let has = |f: &str| c.args.iter().any(|a| a == f);
+        if !has("--out") {
+            args.extend(["--out".into(), png.to_string_lossy().into_owned()]);
+        }
+        if !has("--trace") {
+            args.extend(["--trace".into(), trace.to_string_lossy().into_owned()]);
+        }
+        if !has("--class") && !has("--prompt") && !has("--no-class") {
+            args.extend(["--class".into(), "1".into()]);
+        }
+        args.extend(c.args.iter().filter(|a| *a != "--no-class").cloned());
+        let out = Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
+            .args(&args)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let problems = [
+            (
+                out.status.code() != Some(2),
+                format!("exit code {:?}", out.status.code()),
+            ),
+            (lines.len() != 1, format!("{} lines on stderr", lines.len())),
+            (stderr.contains("panicked"), "a panic".into()),
+            (
+                !stderr.contains(c.want),
+                format!("no {:?} in the message", c.want),
+            ),
+            (
+                png.exists() || trace.exists(),
+                "an output file was left".into(),
+            ),
+        ];
+        for (bad, what) in problems {
+            if bad {
+                failures.push(format!("{}: {what}: {}", c.name, stderr.trim()));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
