@@ -128,12 +128,12 @@ fn score_images(
     let mut features = Vec::with_capacity(images.len());
     for chunk in images.chunks(64) {
         let refs: Vec<&RgbImage> = chunk.iter().map(|(_, im)| im).collect();
-        let (f, logits) = classifier.run(&refs)?;
-        for ((class, _), l) in chunk.iter().zip(&logits) {
+        let scored = classifier.run(&refs)?;
+        for ((class, _), l) in chunk.iter().zip(&scored.logits) {
             top1 += in_top_k(l, *class, 1) as usize;
             top5 += in_top_k(l, *class, 5) as usize;
         }
-        features.extend(f);
+        features.extend(scored.features);
     }
     let n = images.len().max(1) as f64;
     Ok(ImageScores {

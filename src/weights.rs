@@ -326,13 +326,13 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
 }
 
 /// Whether a float tensor holds only finite values (one elementwise op and one reduction:
-/// `t - t` is 0 exactly where `t` is finite and NaN elsewhere). Integer tensors are finite.
+/// `0 * t` is 0 exactly where `t` is finite and NaN elsewhere). Integer tensors are finite.
 fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
     if !t.dtype().is_float() {
         return Ok(true);
     }
-    let t = t.to_dtype(DType::F32)?;
-    Ok((&t - &t)?.sum_all()?.to_scalar::<f32>()? == 0.0)
+    let zeros = t.to_dtype(DType::F32)?.affine(0.0, 0.0)?;
+    Ok(zeros.sum_all()?.to_scalar::<f32>()? == 0.0)
 }
 
 /// Key prefixes that training wrappers add in front of a state dict's names: DDP's `module.`

@@ -51,6 +51,15 @@ impl FeatureStats {
     }
 }
 
+/// What the classifier says about a batch of images, one row per image.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scored {
+    /// Pooled features (the Frechet distance's space).
+    pub features: Vec<Vec<f32>>,
+    /// Class logits.
+    pub logits: Vec<Vec<f32>>,
+}
+
 /// The classifier and the real-image statistics it was shipped with.
 #[derive(Debug)]
 pub struct Classifier {
@@ -122,9 +131,9 @@ impl Classifier {
     }
 
     /// Pooled features and logits of a batch of images (all of one size).
-    pub fn run(&self, images: &[&RgbImage]) -> anyhow::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    pub fn run(&self, images: &[&RgbImage]) -> anyhow::Result<Scored> {
         let Some(first) = images.first() else {
-            return Ok((vec![], vec![]));
+            return Ok(Scored::default());
         };
         let (w, h) = (first.width, first.height);
         let mut data = Vec::with_capacity(images.len() * w * h * 3);
@@ -143,7 +152,10 @@ impl Classifier {
         }
         let features = x.mean((2, 3))?;
         let logits = self.head.forward(&features)?;
-        Ok((features.to_vec2()?, logits.to_vec2()?))
+        Ok(Scored {
+            features: features.to_vec2()?,
+            logits: logits.to_vec2()?,
+        })
     }
 }
 
