@@ -103,3 +103,34 @@ fn builtin_model_matches_the_pytorch_reference_token_for_token() {
         );
     }
 }
+
+/// The eval classifier ships with the model, loads, and scores a decoded image: one logit per
+/// class, features of the size of the real-image statistics.
+#[test]
+fn builtin_classifier_scores_a_generated_image() {
+    use zipar_studio::model::classifier::{Classifier, frechet_distance};
+    let dir = zipar_studio::default_model_dir();
+    let mut model = LlamaGen::load(&dir, &Device::Cpu).expect("built-in model loads");
+    let file = model.manifest.classifier.clone().expect("the model ships a classifier");
+    let classifier = Classifier::load(&dir.join(file), &Device::Cpu).expect("classifier loads");
+    let params = GenerateParams {
+        mode: Mode::Ntp,
+        window: 16,
+        cfg_scale: 1.0,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        mask_unwritten: false,
+    };
+    let trace = generate(&mut model, &Condition::Class(723), &params, &mut |_| {
+        Flow::Continue
+    })
+    .expect("generates");
+    let img = model.decode_image(&trace.tokens).expect("decodes");
+    let scored = classifier.run(&[&img]).expect("scores");
+    assert_eq!(scored.logits[0].len(), model.manifest.gpt.num_classes);
+    assert_eq!(scored.features[0].len(), classifier.real.mean.len());
+    assert!(scored.logits[0].iter().all(|x| x.is_finite()));
+    let fd = frechet_distance(&classifier.real, &classifier.real).expect("fd");
+    assert!(fd.abs() < 1e-3 * classifier.real.mean.len() as f64, "{fd}");
+    assert!(classifier.heldout_top1.is_some(), "the file records its held-out accuracy");
+}
