@@ -422,3 +422,40 @@ pub fn compiled_devices() -> Vec<&'static str> {
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddp_and_compiled_checkpoints_load_under_their_plain_names() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?;
+        let tensors: HashMap<String, Tensor> = [
+            ("_orig_mod.norm.weight", t.clone()),
+            ("module._orig_mod.output.weight", t.clone()),
+            ("module.tok_embeddings.weight", t),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        candle_core::safetensors::save(&tensors, &path)?;
+        let mut names: Vec<String> = read_tensors(&path)?.into_keys().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["norm.weight", "output.weight", "tok_embeddings.weight"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_pre_zip_torch_save_is_named_as_such() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.pt");
+        std::fs::write(&path, [0x80u8, 0x02, 0x8a, 0x0a]).expect("write");
+        let err = read_tensors(&path).map(|_| ()).expect_err("refused");
+        assert!(err.to_string().contains("legacy (pre-1.6"), "{err}");
+    }
+}
