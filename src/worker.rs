@@ -226,6 +226,9 @@ impl Drop for WorkerHandle {
     }
 }
 
+/// Least time between two UI wake-ups while a run streams its passes.
+const WAKE_EVERY: Duration = Duration::from_millis(33);
+
 /// A model whose code thumbnails the palette thread should learn.
 struct PaletteJob {
     job: JobId,
@@ -371,12 +374,19 @@ impl Worker {
         let wake = self.wake.clone();
         let cancel = self.cancel_below.clone();
         let started = Instant::now();
+        let mut last_wake = started;
         let result = generate(model, cond, params, &mut |report: &PassReport| {
             let _ = events.send(Event::Pass {
                 job,
                 report: report.clone(),
             });
-            wake();
+            // Wake the UI at most every WAKE_EVERY while passes stream (a pass can take well
+            // under a millisecond: one wake-up per pass would cost the decoding CPU); the
+            // events queue up and the next frame applies them all.
+            if last_wake.elapsed() >= WAKE_EVERY {
+                last_wake = Instant::now();
+                wake();
+            }
             if job < cancel.load(Ordering::SeqCst) {
                 Flow::Stop
             } else {
