@@ -111,7 +111,11 @@ fn builtin_classifier_scores_a_generated_image() {
     use zipar_studio::model::classifier::{Classifier, frechet_distance};
     let dir = zipar_studio::default_model_dir();
     let mut model = LlamaGen::load(&dir, &Device::Cpu).expect("built-in model loads");
-    let file = model.manifest.classifier.clone().expect("the model ships a classifier");
+    let file = model
+        .manifest
+        .classifier
+        .clone()
+        .expect("the model ships a classifier");
     let classifier = Classifier::load(&dir.join(file), &Device::Cpu).expect("classifier loads");
     let params = GenerateParams {
         mode: Mode::Ntp,
@@ -132,5 +136,8 @@ fn builtin_classifier_scores_a_generated_image() {
     assert!(scored.logits[0].iter().all(|x| x.is_finite()));
     let fd = frechet_distance(&classifier.real, &classifier.real).expect("fd");
     assert!(fd.abs() < 1e-3 * classifier.real.mean.len() as f64, "{fd}");
-    assert!(classifier.heldout_top1.is_some(), "the file records its held-out accuracy");
+    assert!(
+        classifier.heldout_top1.is_some(),
+        "the file records its held-out accuracy"
+    );
 }

@@ -18,7 +18,7 @@ from train_gpt import gpt_args
 from train_vq import VQ_ARGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "..", "assets", "models", "emoji")
+OUT = os.path.join(HERE, "..", "assets", "models", "emoji-v2")
 CKPT = os.path.join(HERE, "checkpoints")
 # Decoding settings recommended for the built-in model (chosen with match_check.py; see
 # training/README.md): the app and the CLI start from these.
