@@ -294,6 +294,22 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
                     .into(),
             });
         }
+        let odd = non_tensor_entries(path);
+        if !odd.is_empty() {
+            let shown: Vec<&str> = odd.iter().take(3).map(String::as_str).collect();
+            let more = if odd.len() > 3 {
+                format!(" and {} more", odd.len() - 3)
+            } else {
+                String::new()
+            };
+            return Err(WeightsError::Corrupt {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "the state dict holds entries that are not tensors: {}{more} (expected a LlamaGen state dict of tensors)",
+                    shown.join(", ")
+                ),
+            });
+        }
         let pth = match candle_core::pickle::PthTensors::new(path, Some("model")) {
             Ok(p) if !p.tensor_infos().is_empty() => p,
             _ => candle_core::pickle::PthTensors::new(path, None).map_err(corrupt)?,
@@ -350,6 +366,56 @@ fn strip_wrapper_prefixes(tensors: HashMap<String, Tensor>) -> HashMap<String, T
             (k, t)
         })
         .collect()
+}
+
+/// Names of the entries of a `.pt` state dict (under `model`, else at the top level) whose
+/// values are not tensors. candle's reader skips them (printing a line to stderr for each) and
+/// the model then reports them missing, although they are there. Best effort: a file that
+/// cannot be read this way gives no names, and the ordinary reader reports the problem.
+fn non_tensor_entries(path: &Path) -> Vec<String> {
+    use candle_core::pickle::{Object, Stack};
+    let is_tensor = |o: &Object| {
+        matches!(o, Object::Reduce { callable, .. }
+            if matches!(&**callable, Object::Class { class_name, .. } if class_name.starts_with("_rebuild_")))
+    };
+    let Ok(file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let Ok(mut zip) = zip::ZipArchive::new(std::io::BufReader::new(file)) else {
+        return Vec::new();
+    };
+    let pickles: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .filter(|n| n.ends_with("data.pkl"))
+        .collect();
+    let mut out = Vec::new();
+    for name in pickles {
+        let Ok(entry) = zip.by_name(&name) else {
+            continue;
+        };
+        let mut stack = Stack::empty();
+        if stack
+            .read_loop(&mut std::io::BufReader::new(entry))
+            .is_err()
+        {
+            continue;
+        }
+        let Ok(Object::Dict(mut entries)) = stack.finalize() else {
+            continue;
+        };
+        let model = Object::Unicode("model".into());
+        if let Some(i) = entries.iter().position(|(k, _)| *k == model)
+            && let (_, Object::Dict(inner)) = entries.swap_remove(i)
+        {
+            entries = inner;
+        }
+        out.extend(entries.into_iter().filter_map(|(k, v)| match k {
+            Object::Unicode(k) if !is_tensor(&v) => Some(k),
+            _ => None,
+        }));
+    }
+    out
 }
 
 /// Whether `path` is a legacy `torch.save` file: a pickle stream (protocol 2+ opens with
@@ -448,6 +514,26 @@ mod tests {
             ["norm.weight", "output.weight", "tok_embeddings.weight"]
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_non_tensor_in_a_state_dict_is_named() {
+        // tests/fixtures/non_tensor.pt: {"model": {"norm.weight": tensor, "layers.0.attention.wo.weight": 3}}
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/non_tensor.pt");
+        let err = read_tensors(&path).map(|_| ()).expect_err("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("not tensors: layers.0.attention.wo.weight"),
+            "{msg}"
+        );
+        assert!(
+            non_tensor_entries(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/tiny/gpt.pt")
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -123,6 +123,15 @@ fn corpus() -> Vec<Case> {
         ),
         case("weights full of NaN", model_with(nan), &[], "NaN"),
         case(
+            "a number where a tensor should be",
+            model_with(|d| {
+                std::fs::copy(fixture("non_tensor.pt"), d.join("gpt.pt")).expect("copy");
+                edit_config(d, |v| v["gpt_weights"] = "gpt.pt".into());
+            }),
+            &[],
+            "not tensors: layers.0.attention.wo.weight",
+        ),
+        case(
             "renamed keys",
             model_with(|d| {
                 edit_tensors(&d.join("gpt.safetensors"), |t| {

@@ -174,7 +174,14 @@ def rounded(t: torch.Tensor):
 
 
 @torch.no_grad()
+def write_non_tensor_pt():
+    """A .pt whose state dict holds a number where a tensor should be (the error-path test)."""
+    sd = {"norm.weight": torch.ones(4), "layers.0.attention.wo.weight": 3}
+    torch.save({"model": sd, "steps": 10}, os.path.join(OUT, "non_tensor.pt"))
+
+
 def main():
+    write_non_tensor_pt()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1234)
     # h != w catches transposed row/column handling
