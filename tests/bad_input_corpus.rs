@@ -183,6 +183,18 @@ fn corpus() -> Vec<Case> {
             "dim must be between",
         ),
         case(
+            "a model larger than the memory",
+            model_with(|d| {
+                edit_config(d, |v| {
+                    v["dim"] = 16_384.into();
+                    v["n_layer"] = 512.into();
+                    v["n_head"] = 128.into();
+                })
+            }),
+            &[],
+            "of memory is available",
+        ),
+        case(
             "no condition slots",
             model_with(|d| edit_config(d, |v| v["cls_token_num"] = 0.into())),
             &[],
