@@ -301,3 +301,50 @@ fn adaptive_runs_within_the_fixed_bounds_and_full_window_is_ntp() {
     }
     assert!(rejected > 0, "a random model should reject some drafts");
 }
+
+/// The GPU code path (candle's attention with a mask tensor, slot-major key cache, candle's
+/// matmul) runs on the CPU too when the weights are not f32: it must agree with the CPU
+/// kernels' path on a ZipAR-shaped pass with unwritten slots masked.
+#[test]
+fn candle_attention_path_agrees_with_the_cpu_kernels() {
+    use candle_core::DType;
+    use zipar_studio::model::llamagen::Gpt;
+    let dir = fixture("tiny");
+    let manifest = zipar_studio::weights::Manifest::read(&dir).expect("manifest");
+    let path = dir.join(&manifest.gpt_weights);
+    let build = |dtype: DType| {
+        let vb = zipar_studio::weights::var_builder(&path, dtype, &Device::Cpu).expect("weights");
+        Gpt::load(&manifest.gpt, manifest.grid_h, manifest.grid_w, vb).expect("gpt")
+    };
+    let run = |gpt: &mut Gpt| {
+        let opts = RunOptions {
+            cfg: true,
+            mask_unwritten: true,
+        };
+        let mut out = flat(
+            &gpt.prefill(&Condition::Class(1), opts)
+                .expect("prefill")
+                .cond,
+        );
+        let row0: Vec<ModelInput> = (0..6)
+            .map(|pos| ModelInput {
+                token: (pos * 7 % 96) as u32,
+                pos,
+                wants_logits: true,
+            })
+            .collect();
+        out.extend(flat(&gpt.step(&row0).expect("row 0").cond));
+        // Two rows at once, with most of row 1 never written.
+        let staircase = [(11, 6), (3, 7), (40, 12)].map(|(token, pos)| ModelInput {
+            token,
+            pos,
+            wants_logits: true,
+        });
+        out.extend(flat(&gpt.step(&staircase).expect("staircase").cond));
+        out
+    };
+    let fast = run(&mut build(DType::F32));
+    let candle = run(&mut build(DType::F16));
+    let diff = max_abs_diff(&fast, &candle);
+    assert!(diff < 0.05, "f32 kernels vs f16 candle path: {diff}");
+}

@@ -349,21 +349,27 @@ impl Gpt {
         }
         let len = slots.iter().copied().max().unwrap_or(0) + 1;
         // Raster-causal over slots; optionally hide slots never written in this run.
-        let visible: Vec<bool> = (0..len)
-            .map(|j| !state.opts.mask_unwritten || state.written[j])
+        // 0 for slots a query may attend to at all, -inf for never-written ones when masked.
+        let bias: Vec<f32> = (0..len)
+            .map(|j| {
+                if !state.opts.mask_unwritten || state.written[j] {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
             .collect();
         let layout = key_layout(dev, self.dtype);
         let mask = if layout == KeyLayout::Transposed {
             None
         } else {
-            let mut mask = vec![0f32; slots.len() * len];
-            for (i, &s) in slots.iter().enumerate() {
-                for j in 0..len {
-                    if j > s || !visible[j] {
-                        mask[i * len + j] = f32::NEG_INFINITY;
-                    }
-                }
-            }
+            // Raster-causal over slots, plus the bias above.
+            let mask: Vec<f32> = slots
+                .iter()
+                .flat_map(|&s| (0..len).map(move |j| if j > s { f32::NEG_INFINITY } else { 0.0 }))
+                .zip(bias.iter().cycle())
+                .map(|(causal, b)| causal + b)
+                .collect();
             Some(Tensor::from_vec(mask, (slots.len(), len), dev)?)
         };
         let slot_ids: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
@@ -382,10 +388,7 @@ impl Gpt {
             )?,
             len,
             slots: slots.to_vec(),
-            bias: visible
-                .iter()
-                .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
-                .collect(),
+            bias,
             mask,
         };
         let (b, k, dim) = x.dims3()?;
