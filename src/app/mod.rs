@@ -2,6 +2,7 @@
 //! module turns its events into [`RunView`]s and draws them.
 
 pub mod grid_view;
+pub mod player;
 pub mod run_view;
 pub mod settings;
 
@@ -17,6 +18,7 @@ use crate::model::{Condition, RgbImage};
 use crate::prompt::ClassMatch;
 use crate::weights;
 use crate::worker::{Command, Event, JobId, ModelInfo, ModelSource, WorkerHandle};
+use player::Player;
 use run_view::{RunStatus, RunView};
 use settings::{Settings, ViewMode};
 
@@ -44,7 +46,6 @@ struct Lane {
     run: RunView,
     texture: Option<TextureHandle>,
     texture_version: u64,
-    replay: Option<usize>,
 }
 
 /// The application.
@@ -73,6 +74,8 @@ pub struct StudioApp {
     palette: Option<Arc<CodePalette>>,
     /// Whether the prompt box has been given the keyboard focus at start.
     prompt_focused: bool,
+    /// Replay of the finished runs on screen (one position for all, so a pair races).
+    pub player: Player,
 }
 
 impl StudioApp {
@@ -103,6 +106,7 @@ impl StudioApp {
             model_job: 0,
             palette: None,
             prompt_focused: false,
+            player: Player::default(),
         };
         let source = match &app.settings.model_dir {
             Some(d) => ModelSource::Dir(d.clone()),
@@ -191,6 +195,7 @@ impl StudioApp {
         };
         self.stop();
         self.lanes.clear();
+        self.player.reset(0);
         let mut modes = vec![self.settings.mode];
         if compare {
             modes = vec![Mode::Ntp, self.settings.mode];
@@ -210,7 +215,6 @@ impl StudioApp {
                 run: RunView::new(job, label, params),
                 texture: None,
                 texture_version: 0,
-                replay: None,
             });
             self.worker.send(Command::Generate {
                 job,
@@ -296,6 +300,10 @@ impl StudioApp {
                             run.decode_ms()
                         );
                         self.status = Some((msg, false));
+                        if self.lanes.iter().all(|l| l.run.status == RunStatus::Done) {
+                            let longest = self.lanes.iter().map(|l| l.run.passes()).max();
+                            self.player.reset(longest.unwrap_or(0));
+                        }
                     }
                     Event::Cancelled { .. } => {
                         run.status = RunStatus::Cancelled;
@@ -765,7 +773,8 @@ impl StudioApp {
         ui.horizontal(|ui| {
             ui.label("View");
             for m in ViewMode::ALL {
-                ui.selectable_value(&mut self.settings.view, m, m.label());
+                ui.selectable_value(&mut self.settings.view, m, m.label())
+                    .on_hover_text(m.hint());
             }
         });
         if self.lanes.is_empty() {
@@ -777,38 +786,218 @@ impl StudioApp {
             );
             return;
         }
+        let replaying = self.replaying();
+        if replaying {
+            self.player_ui(ui);
+        }
         let view = self.settings.view;
         let n = self.lanes.len() as f32;
         let avail = ui.available_width();
         let side = ((avail - 16.0 * n) / n).clamp(120.0, 520.0);
+        let shown = self.player.shown();
+        let longest = self.player.longest();
         ui.horizontal_top(|ui| {
-            for lane in &mut self.lanes {
+            for lane in &self.lanes {
                 ui.vertical(|ui| {
                     ui.set_width(side);
                     let run = &lane.run;
                     ui.strong(format!("{} — {}", run.label, status_text(&run.status)));
-                    let done = run.status == RunStatus::Done;
-                    let upto = if done {
-                        lane.replay.unwrap_or(run.passes())
-                    } else {
-                        usize::MAX
-                    };
-                    grid_view::grid_ui(ui, run, view, lane.texture.as_ref(), upto, side);
+                    let (upto, front) = lane_view(run, replaying, shown, longest);
+                    grid_view::grid_ui(ui, run, view, lane.texture.as_ref(), upto, front, side);
                     grid_view::legend_ui(ui, view, run);
-                    if done && run.passes() > 1 {
-                        let mut p = lane.replay.unwrap_or(run.passes());
-                        let r = ui
-                            .add(egui::Slider::new(&mut p, 1..=run.passes()).text("replay passes"));
-                        if r.changed() {
-                            lane.replay = Some(p);
-                        }
-                    }
-                    stats_ui(ui, run);
-                    grid_view::pass_plot_ui(ui, run, side);
+                    grid_view::pass_plot_ui(ui, run, front, side);
                 });
             }
         });
+        ui.add_space(6.0);
+        stats_table_ui(ui, self.lanes.iter().map(|l| &l.run));
     }
+
+    /// Whether the runs on screen are finished and the player drives what they show.
+    fn replaying(&self) -> bool {
+        !self.lanes.is_empty()
+            && self.lanes.iter().all(|l| l.run.status == RunStatus::Done)
+            && self.player.longest() > 1
+    }
+
+    /// Per run on screen: the passes shown and the pass outlined as the front, as drawn.
+    pub fn shown_passes(&self) -> Vec<(usize, Option<usize>)> {
+        let replaying = self.replaying();
+        self.lanes
+            .iter()
+            .map(|l| {
+                let (upto, front) = lane_view(
+                    &l.run,
+                    replaying,
+                    self.player.shown(),
+                    self.player.longest(),
+                );
+                (upto.min(l.run.passes()), front)
+            })
+            .collect()
+    }
+
+    /// Play / pause, step, position, speed and loop for the runs on screen.
+    fn player_ui(&mut self, ui: &mut egui::Ui) {
+        let dt = ui.input(|i| i.stable_dt) as f64;
+        if self.player.advance(dt) {
+            ui.ctx().request_repaint();
+        }
+        let no_focus = ui.ctx().memory(|m| m.focused().is_none());
+        if no_focus && ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Space)) {
+            self.player.toggle();
+        }
+        let p = &mut self.player;
+        ui.horizontal(|ui| {
+            if ui
+                .button("Step back")
+                .on_hover_text("one pass back")
+                .clicked()
+            {
+                p.step(-1);
+            }
+            let label = if p.playing { "Pause" } else { "Play" };
+            if ui
+                .button(label)
+                .on_hover_text("replay the passes at the speed set here (Space)")
+                .clicked()
+            {
+                p.toggle();
+            }
+            if ui
+                .button("Step forward")
+                .on_hover_text("one pass forward")
+                .clicked()
+            {
+                p.step(1);
+            }
+            let mut at = p.shown();
+            let longest = p.longest();
+            if ui
+                .add(egui::Slider::new(&mut at, 0..=longest).text("passes shown"))
+                .changed()
+            {
+                p.seek(at);
+            }
+            let mut speed = p.passes_per_s();
+            let l = ui.label("passes/s");
+            if ui
+                .add(
+                    egui::DragValue::new(&mut speed)
+                        .range(0.5..=2000.0)
+                        .speed(0.5)
+                        .max_decimals(1),
+                )
+                .labelled_by(l.id)
+                .on_hover_text("replay speed; both runs of a Compare advance at this rate")
+                .changed()
+            {
+                p.speed = Some(speed);
+            }
+            if p.speed.is_some()
+                && ui
+                    .small_button("auto")
+                    .on_hover_text(format!(
+                        "back to the default: the longest run lasts {:.0} s",
+                        player::DEFAULT_REPLAY_S
+                    ))
+                    .clicked()
+            {
+                p.speed = None;
+            }
+            ui.checkbox(&mut p.looping, "Loop");
+        });
+    }
+}
+
+/// What one run shows: the passes `< upto`, with pass `front` outlined. While replaying, every
+/// run follows the player's one position (a shorter run is complete once it is passed); while
+/// running, the newest pass is the front.
+fn lane_view(
+    run: &RunView,
+    replaying: bool,
+    shown: usize,
+    longest: usize,
+) -> (usize, Option<usize>) {
+    if replaying {
+        let inside = shown > 0 && shown < longest && shown <= run.passes();
+        (shown, inside.then(|| shown - 1))
+    } else if run.is_active() {
+        (usize::MAX, run.passes_done().checked_sub(1))
+    } else {
+        (usize::MAX, None)
+    }
+}
+
+/// The runs on screen side by side (egui_extras table): passes, decode and wall time,
+/// throughput, and the speed-up over the NTP run of a Compare pair.
+fn stats_table_ui<'a>(ui: &mut egui::Ui, runs: impl Iterator<Item = &'a RunView>) {
+    use egui_extras::{Column, TableBuilder};
+    let runs: Vec<&RunView> = runs.collect();
+    let ntp_ms = runs
+        .iter()
+        .find(|r| r.params.mode == Mode::Ntp && r.status == RunStatus::Done)
+        .map(|r| r.decode_ms());
+    TableBuilder::new(ui)
+        .id_salt("stats")
+        .striped(true)
+        .column(Column::auto().at_least(110.0))
+        .column(Column::auto().at_least(190.0))
+        .columns(Column::auto().at_least(80.0), 4)
+        .header(18.0, |mut row| {
+            for title in ["run", "passes", "decode", "wall", "tokens/s", "vs NTP"] {
+                row.col(|ui| {
+                    ui.strong(title);
+                });
+            }
+        })
+        .body(|mut body| {
+            for run in runs {
+                body.row(18.0, |mut row| {
+                    let ntp = run.grid.0 * run.grid.1;
+                    let passes = if run.status == RunStatus::Done {
+                        run.passes_done()
+                    } else {
+                        run.passes()
+                    };
+                    let reduction = if ntp > 0 {
+                        100.0 * (1.0 - passes as f64 / ntp as f64)
+                    } else {
+                        0.0
+                    };
+                    row.col(|ui| {
+                        ui.label(&run.label);
+                    });
+                    row.col(|ui| {
+                        ui.label(format!("{passes} vs {ntp} NTP ({reduction:.0}% fewer)"));
+                    });
+                    row.col(|ui| {
+                        ui.label(format!("{:.0} ms", run.decode_ms()))
+                            .on_hover_text(
+                                "the forward passes and sampling, as the CLI measures them",
+                            );
+                    });
+                    row.col(|ui| {
+                        ui.label(format!("{:.0} ms", run.elapsed.as_secs_f64() * 1e3))
+                            .on_hover_text(
+                                "from the request to the final image, as you waited for it",
+                            );
+                    });
+                    row.col(|ui| {
+                        ui.label(format!("{:.0}", run.tokens_per_s()));
+                    });
+                    row.col(|ui| match ntp_ms {
+                        Some(t) if run.status == RunStatus::Done && run.decode_ms() > 0.0 => {
+                            ui.label(format!("{:.2}x", t / run.decode_ms()))
+                                .on_hover_text("decode-time speed-up over the NTP run");
+                        }
+                        _ => {
+                            ui.weak("–");
+                        }
+                    });
+                });
+            }
+        });
 }
 
 fn status_text(s: &RunStatus) -> String {
@@ -819,38 +1008,6 @@ fn status_text(s: &RunStatus) -> String {
         RunStatus::Cancelled => "stopped".into(),
         RunStatus::Failed(e) => format!("failed: {e}"),
     }
-}
-
-fn stats_ui(ui: &mut egui::Ui, run: &RunView) {
-    let ntp = run.grid.0 * run.grid.1;
-    let passes = if run.status == RunStatus::Done {
-        run.passes_done()
-    } else {
-        run.passes()
-    };
-    egui::Grid::new(("stats", run.job))
-        .num_columns(2)
-        .show(ui, |ui| {
-            ui.label("passes");
-            let reduction = if ntp > 0 {
-                100.0 * (1.0 - passes as f64 / ntp as f64)
-            } else {
-                0.0
-            };
-            ui.label(format!("{passes} vs {ntp} NTP ({reduction:.0}% fewer)"));
-            ui.end_row();
-            ui.label("decode time")
-                .on_hover_text("the forward passes and sampling, as the CLI measures them");
-            ui.label(format!("{:.0} ms", run.decode_ms()));
-            ui.end_row();
-            ui.label("wall time")
-                .on_hover_text("from the request to the final image, as you waited for it");
-            ui.label(format!("{:.0} ms", run.elapsed.as_secs_f64() * 1e3));
-            ui.end_row();
-            ui.label("tokens / s");
-            ui.label(format!("{:.0}", run.tokens_per_s()));
-            ui.end_row();
-        });
 }
 
 impl eframe::App for StudioApp {

@@ -101,6 +101,28 @@ impl RunView {
         }
     }
 
+    /// The most tokens one pass produced.
+    pub fn max_tokens_per_pass(&self) -> usize {
+        self.tokens_per_pass.iter().copied().max().unwrap_or(0)
+    }
+
+    /// How many passes earlier than next-token decoding cell `i` was produced (NTP produces
+    /// cell `i` of the raster order in pass `i`); 0 for a cell not produced yet.
+    pub fn passes_ahead(&self, i: usize) -> usize {
+        match self.pass_of.get(i) {
+            Some(Some(p)) => i.saturating_sub(*p),
+            _ => 0,
+        }
+    }
+
+    /// The largest [`RunView::passes_ahead`] over the grid.
+    pub fn max_passes_ahead(&self) -> usize {
+        (0..self.pass_of.len())
+            .map(|i| self.passes_ahead(i))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Passes done so far.
     pub fn passes_done(&self) -> usize {
         self.pass_ms.len()

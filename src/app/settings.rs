@@ -19,13 +19,19 @@ pub enum ViewMode {
     Rejections,
     /// The pass map over the image.
     Overlay,
+    /// Cells coloured by how many tokens their pass produced (rows that advanced together).
+    Parallelism,
+    /// Cells coloured by how many passes earlier than next-token decoding they were produced.
+    Ahead,
 }
 
 impl ViewMode {
     /// All modes, in menu order.
-    pub const ALL: [ViewMode; 5] = [
+    pub const ALL: [ViewMode; 7] = [
         ViewMode::Image,
         ViewMode::PassMap,
+        ViewMode::Parallelism,
+        ViewMode::Ahead,
         ViewMode::WindowMap,
         ViewMode::Rejections,
         ViewMode::Overlay,
@@ -39,6 +45,30 @@ impl ViewMode {
             ViewMode::WindowMap => "Window map",
             ViewMode::Rejections => "Rejections",
             ViewMode::Overlay => "Overlay",
+            ViewMode::Parallelism => "Parallelism",
+            ViewMode::Ahead => "Ahead of NTP",
+        }
+    }
+
+    /// What the view shows (tooltip).
+    pub fn hint(self) -> &'static str {
+        match self {
+            ViewMode::Image => "the decoded image (dimmed where the replay has not reached)",
+            ViewMode::PassMap => {
+                "each cell coloured by the forward pass that produced it; alternate passes are \
+                 shaded darker, so the cells of one pass show as one stripe"
+            }
+            ViewMode::WindowMap => {
+                "how many tokens of the row above were written when the cell's row started"
+            }
+            ViewMode::Rejections => "adaptive mode: drafts rejected at each cell",
+            ViewMode::Overlay => "the pass map over the image",
+            ViewMode::Parallelism => {
+                "how many tokens the cell's pass produced: rows that advanced together share a colour"
+            }
+            ViewMode::Ahead => {
+                "how many passes earlier than next-token decoding the cell was produced"
+            }
         }
     }
 }
