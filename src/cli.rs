@@ -35,8 +35,37 @@ pub enum Command {
     Bench(BenchArgs),
     /// Measure the quality cost: NLL of samples under the full-context model.
     Eval(EvalArgs),
+    /// Would ZipAR's drafts pass an exact test? Teacher-forces NTP samples through the ZipAR
+    /// schedules and reports the mean acceptance a = sum min(p, q) per window, row and column.
+    Acceptance(AcceptanceArgs),
     /// Open the app (the default when no command is given).
     App(AppArgs),
+}
+
+/// `acceptance` flags.
+#[derive(Debug, Args)]
+pub struct AcceptanceArgs {
+    /// Model folder; the built-in model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Class ids (comma separated); default: 32 classes spread over the model's range.
+    #[arg(long, value_delimiter = ',')]
+    pub class: Vec<u32>,
+    /// ZipAR windows (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    pub windows: Vec<usize>,
+    /// NTP samples (seeds 0..N) per class.
+    #[arg(long, default_value_t = 1)]
+    pub samples: u64,
+    /// Classifier-free guidance scale; default: the model's.
+    #[arg(long)]
+    pub cfg: Option<f32>,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// `eval` flags.
@@ -384,6 +413,60 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `acceptance`.
+pub fn run_acceptance(args: &AcceptanceArgs) -> anyhow::Result<()> {
+    if let Some(j) = &args.json {
+        export::check_writable(j)?;
+    }
+    let device = weights::parse_device(&args.device)?;
+    let mut model = load_model(args.model.as_deref(), &device)?;
+    let (_, w) = model.grid();
+    let range = crate::decode::schedule::window_range(model.layout(), w);
+    for &s in &args.windows {
+        anyhow::ensure!(
+            range.contains(&s),
+            "window {s} is out of range: it must be between {} and {} for a grid {w} wide",
+            range.start(),
+            range.end()
+        );
+    }
+    let n = model.manifest.gpt.num_classes.max(1) as u32;
+    let classes: Vec<u32> = if args.class.is_empty() {
+        let k = n.min(32);
+        (0..k).map(|i| (i * n / k).min(n - 1)).collect()
+    } else {
+        args.class.clone()
+    };
+    let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
+    let seeds: Vec<u64> = (0..args.samples.max(1)).collect();
+    let base = base_params(&model, args.cfg, false)?;
+    let bar = indicatif::ProgressBar::new((conds.len() * seeds.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} NTP samples, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let results =
+        crate::acceptance::measure(&mut model, &conds, base, &args.windows, &seeds, &mut || {
+            bar.inc(1)
+        })?;
+    bar.finish_and_clear();
+    println!(
+        "{} NTP samples ({} classes x {} seeds), {}, cfg {}, hide unwritten slots {}",
+        conds.len() * seeds.len(),
+        conds.len(),
+        seeds.len(),
+        base.sampling,
+        base.cfg_scale,
+        base.mask_unwritten
+    );
+    print!("{}", crate::acceptance::table(&results));
+    if let Some(j) = &args.json {
+        std::fs::write(j, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("cannot write {}", j.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs `bench`.
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(j) = &args.json {
@@ -488,5 +571,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         Some(Command::Generate(a)) => run_generate(a).context("generate failed"),
         Some(Command::Bench(a)) => run_bench(a).context("bench failed"),
         Some(Command::Eval(a)) => run_eval(a).context("eval failed"),
+        Some(Command::Acceptance(a)) => run_acceptance(a).context("acceptance failed"),
     }
 }

@@ -4,6 +4,7 @@
 //! command line. Layers: [`decode`] (the algorithm), [`model`] (the networks), [`weights`]
 //! (files), [`cli`] (headless commands), [`export`] (files out).
 
+pub mod acceptance;
 pub mod app;
 pub mod bench;
 pub mod cli;

@@ -348,3 +348,49 @@ fn candle_attention_path_agrees_with_the_cpu_kernels() {
     let diff = max_abs_diff(&fast, &candle);
     assert!(diff < 0.05, "f32 kernels vs f16 candle path: {diff}");
 }
+
+#[test]
+fn acceptance_is_one_along_the_full_context_and_below_one_for_zipar_drafts() {
+    use zipar_studio::acceptance::{measure, ntp_laws, overlap, schedule_laws};
+    use zipar_studio::decode::{Layout, Schedule};
+    let mut model = load("tiny");
+    let cond = Condition::Class(3);
+    let base = GenerateParams {
+        mode: Mode::Ntp,
+        window: 6,
+        cfg_scale: 2.0,
+        sampling: Sampling::Random {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        seed: 7,
+        mask_unwritten: false,
+    };
+    let x = generate(&mut model, &cond, &base, &mut |_| Flow::Continue)
+        .expect("runs")
+        .tokens;
+    let p = ntp_laws(&mut model, &cond, &x, 2.0, base.sampling).expect("p");
+    // The NTP schedule teacher-forced is the full context again: q = p cell for cell.
+    let ntp = Schedule::ntp(5, 6, Layout::Raster).expect("schedule");
+    let q = schedule_laws(&mut model, &cond, &ntp, &x, 2.0, base.sampling, false).expect("q");
+    for (i, (a, b)) in p.iter().zip(&q).enumerate() {
+        assert!(overlap(a, b) > 1.0 - 1e-4, "cell {i}: {}", overlap(a, b));
+    }
+    // ZipAR with s = 2 drafts rows 2..4 under partial context: rows 0 and 1 are NTP's.
+    let r = measure(&mut model, &[cond], base, &[2, 6], &[0, 1, 2], &mut || {}).expect("measure");
+    assert_eq!(r[0].samples, 3);
+    assert!(
+        r[0].per_row[..2].iter().all(|&a| a > 1.0 - 1e-4),
+        "{:?}",
+        r[0].per_row
+    );
+    assert!(
+        r[0].drafted < 0.999,
+        "drafts under partial context differ: {}",
+        r[0].drafted
+    );
+    assert!(r[0].drafted > 0.0);
+    // The full-width window is NTP's context (the row above is complete).
+    assert!(r[1].drafted > 1.0 - 1e-4, "{}", r[1].drafted);
+}

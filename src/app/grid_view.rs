@@ -214,7 +214,7 @@ pub fn pass_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: 
     let plot = |id: &str, y_label: &str| {
         Plot::new((id.to_string(), run.job))
             .width(width)
-            .height(80.0)
+            .height(72.0)
             .allow_zoom(false)
             .allow_drag(false)
             .allow_scroll(false)

@@ -454,7 +454,14 @@ impl StudioApp {
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| self.settings_ui(ui));
             });
-        egui::CentralPanel::default().show(ui, |ui| self.runs_ui(ui));
+        egui::CentralPanel::default().show(ui, |ui| {
+            // The grids are sized to leave their plots on screen; the stats table below them
+            // scrolls into view on small windows.
+            let height = ui.available_height();
+            egui::ScrollArea::vertical()
+                .id_salt("runs")
+                .show(ui, |ui| self.runs_ui(ui, height));
+        });
         if self.is_busy() {
             ui.ctx()
                 .request_repaint_after(std::time::Duration::from_millis(100));
@@ -769,7 +776,7 @@ impl StudioApp {
         }
     }
 
-    fn runs_ui(&mut self, ui: &mut egui::Ui) {
+    fn runs_ui(&mut self, ui: &mut egui::Ui, height: f32) {
         ui.horizontal(|ui| {
             ui.label("View");
             for m in ViewMode::ALL {
@@ -793,7 +800,10 @@ impl StudioApp {
         let view = self.settings.view;
         let n = self.lanes.len() as f32;
         let avail = ui.available_width();
-        let side = ((avail - 16.0 * n) / n).clamp(120.0, 520.0);
+        // room for the header rows, the legend and the two plots under each grid
+        let side = ((avail - 16.0 * n) / n)
+            .min(height - 300.0)
+            .clamp(160.0, 520.0);
         let shown = self.player.shown();
         let longest = self.player.longest();
         ui.horizontal_top(|ui| {

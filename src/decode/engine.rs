@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adaptive::{self, AdaptivePlanner, Outcome, Role, Token};
 use super::sampling::{Sampler, Sampling, SamplingError, cfg_combine, distribution, validate_cfg};
-use super::schedule::{Cell, Mode, Schedule, ScheduleError, Source, windows_from_passes};
+use super::schedule::{Cell, Mode, Pass, Schedule, ScheduleError, Source, windows_from_passes};
 use super::trace::DecodeTrace;
 use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions};
 
@@ -120,7 +120,8 @@ pub fn generate(
     generate_fixed(model, cond, params, sink)
 }
 
-fn combine(logits: &PassLogits, i: usize, cfg: Option<f32>) -> Vec<f32> {
+/// Row `i` of a pass's logits, CFG-combined when `cfg` holds a scale.
+pub(crate) fn combine(logits: &PassLogits, i: usize, cfg: Option<f32>) -> Vec<f32> {
     match (&logits.uncond, cfg) {
         (Some(u), Some(scale)) => cfg_combine(&logits.cond[i], &u[i], scale),
         _ => logits.cond[i].clone(),
@@ -299,6 +300,40 @@ fn generate_adaptive(
     Ok(trace)
 }
 
+/// Runs one pass of a fixed schedule: the prefill, or a step feeding each scheduled cell's
+/// token (`token_of`) or the layout's separator at its slot.
+pub(crate) fn run_pass(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    opts: RunOptions,
+    pass: &Pass,
+    token_of: impl Fn(Cell) -> Option<u32>,
+) -> anyhow::Result<PassLogits> {
+    if pass.feeds.first().map(|f| f.source) == Some(Source::Condition) {
+        return model.prefill(cond, opts);
+    }
+    let inputs = pass
+        .feeds
+        .iter()
+        .map(|f| {
+            let token = match f.source {
+                Source::Cell(c) => token_of(c)
+                    .ok_or_else(|| anyhow::anyhow!("schedule feeds cell {c:?} before it exists"))?,
+                Source::Separator(_) => model
+                    .separator_token()
+                    .ok_or_else(|| anyhow::anyhow!("the schedule needs an end-of-row token"))?,
+                Source::Condition => anyhow::bail!("condition fed after the prefill"),
+            };
+            Ok(ModelInput {
+                token,
+                pos: f.pos,
+                wants_logits: f.predicts.is_some(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    model.step(&inputs)
+}
+
 /// Generates one image along a precomputed schedule (NTP or fixed-window ZipAR).
 fn generate_fixed(
     model: &mut dyn ImageArModel,
@@ -319,31 +354,7 @@ fn generate_fixed(
     let started = Instant::now();
     for (index, pass) in schedule.passes.iter().enumerate() {
         let t0 = Instant::now();
-        let logits = if pass.feeds.first().map(|f| f.source) == Some(Source::Condition) {
-            model.prefill(cond, opts)?
-        } else {
-            let inputs = pass
-                .feeds
-                .iter()
-                .map(|f| {
-                    let token = match f.source {
-                        Source::Cell(c) => grid[c.row * w + c.col].ok_or_else(|| {
-                            anyhow::anyhow!("schedule feeds cell {c:?} before it exists")
-                        })?,
-                        Source::Separator(_) => model.separator_token().ok_or_else(|| {
-                            anyhow::anyhow!("the schedule needs an end-of-row token")
-                        })?,
-                        Source::Condition => anyhow::bail!("condition fed after the prefill"),
-                    };
-                    Ok(ModelInput {
-                        token,
-                        pos: f.pos,
-                        wants_logits: f.predicts.is_some(),
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            model.step(&inputs)?
-        };
+        let logits = run_pass(model, cond, opts, pass, |c| grid[c.row * w + c.col])?;
         let cells: Vec<Cell> = pass.predicted().collect();
         check_rows(&logits, cells.len())?;
         let mut produced = Vec::with_capacity(cells.len());

@@ -1,0 +1,218 @@
+//! `zipar-studio acceptance`: would ZipAR's tokens pass an exact test? The first measurement of
+//! the lossless ZipAR-exact mode (shared/notes/zipar-exact.md, section 4.4).
+//!
+//! Take an NTP sample x. Each cell i has two laws: p_i, the full-context law NTP draws it from
+//! (one teacher-forced raster pass), and q_i, the law ZipAR with window s draws it from when
+//! its schedule feeds x's earlier tokens in ZipAR's order (auxiliary row starts included). A
+//! ZipAR-exact draft drawn from q_i passes the test against p_i with probability
+//! a_i = sum_x min(p_i(x), q_i(x)) = 1 - TV(p_i, q_i). Both laws are the ones the sampler
+//! uses (CFG, temperature, top-k, top-p). The mean of a over the drafted rows predicts the
+//! exact mode's pass count (the note's tables); per row and per column it shows where
+//! rejections would cluster.
+
+use serde::Serialize;
+
+use crate::decode::engine::{combine, run_pass};
+use crate::decode::sampling::distribution;
+use crate::decode::{Flow, GenerateParams, Mode, Sampling, Schedule, generate};
+use crate::eval::teacher_forced;
+use crate::model::{Condition, ImageArModel, RunOptions};
+
+/// Acceptance of one window's drafts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Acceptance {
+    /// ZipAR window.
+    pub window: usize,
+    /// NTP samples teacher-forced.
+    pub samples: usize,
+    /// Mean a over the cells ZipAR drafts under partial context (rows 2 and below).
+    pub drafted: f64,
+    /// Mean a over every cell (rows 0 and 1 are decoded as NTP decodes them: a = 1).
+    pub all: f64,
+    /// Share of drafted cells with a >= 0.9.
+    pub share_above_90: f64,
+    /// Mean a per row.
+    pub per_row: Vec<f64>,
+    /// Mean a per column, over the drafted rows.
+    pub per_col: Vec<f64>,
+}
+
+/// sum_x min(p(x), q(x)): the probability that a draft from `q` passes the exact test
+/// against `p`.
+pub fn overlap(p: &[f32], q: &[f32]) -> f64 {
+    p.iter().zip(q).map(|(&a, &b)| a.min(b) as f64).sum()
+}
+
+/// Per cell (raster order), the law the fixed `schedule` draws it from when every cell it
+/// feeds holds `tokens` (teacher forcing along the schedule).
+pub fn schedule_laws(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    schedule: &Schedule,
+    tokens: &[u32],
+    cfg_scale: f32,
+    sampling: Sampling,
+    mask_unwritten: bool,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let w = schedule.w;
+    anyhow::ensure!(
+        tokens.len() == schedule.h * w,
+        "{} tokens for a {}x{w} grid",
+        tokens.len(),
+        schedule.h
+    );
+    let cfg = (cfg_scale != 1.0).then_some(cfg_scale);
+    let opts = RunOptions {
+        cfg: cfg.is_some(),
+        mask_unwritten,
+    };
+    let mut laws = vec![Vec::new(); tokens.len()];
+    for pass in &schedule.passes {
+        let logits = run_pass(model, cond, opts, pass, |c| {
+            tokens.get(c.row * w + c.col).copied()
+        })?;
+        for (row, cell) in pass.predicted().enumerate() {
+            anyhow::ensure!(row < logits.cond.len(), "too few rows of logits");
+            laws[cell.row * w + cell.col] = distribution(&combine(&logits, row, cfg), sampling);
+        }
+    }
+    Ok(laws)
+}
+
+/// Per cell, the full-context law NTP draws it from.
+pub fn ntp_laws(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    tokens: &[u32],
+    cfg_scale: f32,
+    sampling: Sampling,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let cfg = (cfg_scale != 1.0).then_some(cfg_scale);
+    let logits = teacher_forced(model, cond, tokens, cfg.is_some())?;
+    Ok((0..tokens.len())
+        .map(|i| distribution(&combine(&logits, i, cfg), sampling))
+        .collect())
+}
+
+/// For every window: NTP samples (one per condition and seed, drawn with `base`) are
+/// teacher-forced through the window's ZipAR schedule and each cell's overlap with the
+/// full-context law is averaged. `progress` is called after each sample.
+pub fn measure(
+    model: &mut dyn ImageArModel,
+    conds: &[Condition],
+    base: GenerateParams,
+    windows: &[usize],
+    seeds: &[u64],
+    progress: &mut dyn FnMut(),
+) -> anyhow::Result<Vec<Acceptance>> {
+    let (h, w) = model.grid();
+    let layout = model.layout();
+    let schedules = windows
+        .iter()
+        .map(|&s| Schedule::zipar(h, w, layout, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    // sums[window][cell]
+    let mut sums = vec![vec![0.0f64; h * w]; windows.len()];
+    let mut n = 0usize;
+    for cond in conds {
+        for &seed in seeds {
+            let params = GenerateParams {
+                mode: Mode::Ntp,
+                seed,
+                ..base
+            };
+            let x = generate(model, cond, &params, &mut |_| Flow::Continue)?.tokens;
+            let p = ntp_laws(model, cond, &x, base.cfg_scale, base.sampling)?;
+            for (k, schedule) in schedules.iter().enumerate() {
+                let q = schedule_laws(
+                    model,
+                    cond,
+                    schedule,
+                    &x,
+                    base.cfg_scale,
+                    base.sampling,
+                    base.mask_unwritten,
+                )?;
+                for (i, sum) in sums[k].iter_mut().enumerate() {
+                    *sum += overlap(&p[i], &q[i]);
+                }
+            }
+            n += 1;
+            progress();
+        }
+    }
+    let k = n.max(1) as f64;
+    Ok(windows
+        .iter()
+        .zip(&sums)
+        .map(|(&window, sum)| {
+            let a: Vec<f64> = sum.iter().map(|v| v / k).collect();
+            let per_row: Vec<f64> = a.chunks(w).map(mean).collect();
+            let drafted = &a[(2 * w).min(a.len())..];
+            let per_col = (0..w)
+                .map(|c| {
+                    mean(
+                        &drafted
+                            .iter()
+                            .skip(c)
+                            .step_by(w)
+                            .copied()
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .collect();
+            Acceptance {
+                window,
+                samples: n,
+                drafted: mean(drafted),
+                all: mean(&a),
+                share_above_90: drafted.iter().filter(|&&v| v >= 0.9).count() as f64
+                    / drafted.len().max(1) as f64,
+                per_row,
+                per_col,
+            }
+        })
+        .collect())
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+/// The results as text: one line per window, then the per-row and per-column means.
+pub fn table(results: &[Acceptance]) -> String {
+    let mut s =
+        String::from("window  samples  a(drafted rows)  a(all cells)  drafted cells a>=0.9\n");
+    for r in results {
+        s.push_str(&format!(
+            "{:>6}  {:>7}  {:>15.4}  {:>12.4}  {:>20.3}\n",
+            r.window, r.samples, r.drafted, r.all, r.share_above_90
+        ));
+    }
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for r in results {
+        s.push_str(&format!("s={} per row:    {}\n", r.window, fmt(&r.per_row)));
+        s.push_str(&format!("s={} per column: {}\n", r.window, fmt(&r.per_col)));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_is_one_minus_total_variation() {
+        assert!((overlap(&[0.5, 0.5], &[0.5, 0.5]) - 1.0).abs() < 1e-9);
+        assert_eq!(overlap(&[1.0, 0.0], &[0.0, 1.0]), 0.0);
+        assert!((overlap(&[0.7, 0.3], &[0.4, 0.6]) - 0.7).abs() < 1e-6);
+    }
+}
