@@ -1,27 +1,61 @@
 #!/usr/bin/env bash
-# Screenshot of the real app under Xvfb: fresh settings, the built-in model, "red apple",
-# Compare (NTP and ZipAR side by side), then a hover on a cell of the ZipAR map.
-# Needs xvfb-run, xdotool and ImageMagick's `import`.
-#   bash scripts/screenshot.sh [out.png] [zipar-studio binary] [view: Image|Pass map|...]
+# Screenshots of the real app under Xvfb, as a user drives it: fresh settings, the built-in
+# model, "red apple", Compare (NTP and ZipAR side by side), then the replay player:
+#   docs/screenshot.png  the pair paused mid-replay (pass 52) in the pass map: the outlined
+#                        front is one cell in NTP and a diagonal across rows in ZipAR;
+#   docs/race.png        the race as a strip: the Image view at passes 16, 40, 64, 88, 160
+#                        and 256 (NTP above, ZipAR below), both advancing at one pass rate.
+# Needs Xvfb, xdotool and ImageMagick (`import`, `convert`).
+#   bash scripts/screenshot.sh [zipar-studio binary] [out dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=$(realpath -m "${1:-docs/screenshot.png}")
-bin=$(realpath "${2:-target/release/zipar-studio}")
-view=${3:-Pass map}
-HOME=$(mktemp -d)
+bin=$(realpath "${1:-target/release/zipar-studio}")
+out=$(realpath -m "${2:-docs}")
+mkdir -p "$out"
+tmp=$(mktemp -d)
+HOME=$tmp/home
+mkdir -p "$HOME"
 export HOME
-xvfb-run -a -s "-screen 0 1280x800x24" bash -c '
-  "$0" & pid=$!
-  sleep 6
-  xdotool mousemove 511 16 click 1          # Compare
-  sleep 12
-  case "$2" in
-    Image) xdotool mousemove 329 75 click 1 ;;
-    Overlay) xdotool mousemove 656 75 click 1 ;;
-  esac
-  sleep 1
-  xdotool mousemove 1000 330                 # hover a cell of the right-hand run
-  sleep 2
-  import -window root "$1"
-  kill $pid' "$bin" "$out" "$view"
-echo "wrote $out"
+display=:$((100 + RANDOM % 100))
+Xvfb "$display" -screen 0 1280x800x24 >/dev/null 2>&1 &
+xvfb=$!
+export DISPLAY=$display
+sleep 2
+"$bin" >"$tmp/app.log" 2>&1 &
+app=$!
+trap 'kill $app $xvfb 2>/dev/null || true' EXIT
+sleep 6
+win=$(xdotool search --name "ZipAR Studio" | head -1)
+xdotool windowfocus "$win"
+click() { xdotool mousemove "$1" "$2" click 1; sleep "${3:-0.7}"; }
+# Type a pass count into the replay's number field (a click opens it for editing).
+seek() {
+  click 620 98 0.4
+  xdotool key ctrl+a
+  xdotool type "$1"
+  xdotool key Return
+  xdotool mousemove 1200 40
+  sleep 0.8
+}
+click 511 16 14 # Compare; both runs finish well within this on 2 cores
+seek 52
+import -window root "$tmp/full.png"
+convert "$tmp/full.png" -crop 1180x760+0+0 +repage "$out/screenshot.png"
+click 329 75 # Image view
+frames=()
+for p in 16 40 64 88 160 256; do
+  seek "$p"
+  import -window root "$tmp/f.png"
+  # the two grids (362 px each at this window size), stacked, labelled
+  convert "$tmp/f.png" -crop 362x362+268+129 +repage -resize 200x200 "$tmp/ntp.png"
+  convert "$tmp/f.png" -crop 362x362+638+129 +repage -resize 200x200 "$tmp/zip.png"
+  convert -size 200x24 xc:'#1b1b1b' -fill white -pointsize 16 -gravity center \
+    -annotate +0+0 "pass $p" "$tmp/label.png"
+  convert "$tmp/label.png" "$tmp/ntp.png" -size 200x6 xc:'#1b1b1b' "$tmp/zip.png" \
+    -append -bordercolor '#1b1b1b' -border 4 "$tmp/frame_$p.png"
+  frames+=("$tmp/frame_$p.png")
+done
+convert -size 90x440 xc:'#1b1b1b' -fill white -pointsize 15 -gravity west \
+  -annotate +8-90 "NTP" -annotate +8+116 "ZipAR-4" "$tmp/side.png"
+convert "$tmp/side.png" "${frames[@]}" +append "$out/race.png"
+echo "wrote $out/screenshot.png and $out/race.png"

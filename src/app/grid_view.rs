@@ -185,7 +185,8 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
         ),
         ViewMode::Image => return,
     };
-    ui.horizontal(|ui| {
+    // wraps within the lane: the lanes keep their width whatever the legend says
+    ui.horizontal_wrapped(|ui| {
         ui.label(lo.to_string());
         let (rect, _) = ui.allocate_exact_size(vec2(160.0, 12.0), Sense::hover());
         let n = 32;
