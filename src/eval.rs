@@ -14,8 +14,8 @@
 use serde::Serialize;
 
 use crate::bench::Setting;
-use crate::decode::sampling::{cfg_combine, softmax};
-use crate::decode::{Flow, GenerateParams, generate};
+use crate::decode::sampling::{cfg_combine, distribution, softmax};
+use crate::decode::{Flow, GenerateParams, Sampling, generate};
 use crate::model::classifier::{Classifier, FeatureStats, frechet_distance, in_top_k};
 use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RgbImage, RunOptions};
 
@@ -52,26 +52,55 @@ pub fn teacher_forced(
     Ok(out)
 }
 
-/// Mean per-token NLL (nats) of `tokens` under the model's full-context, CFG-guided
-/// distribution.
-pub fn score_nll(
+/// What one sample's teacher-forced pass says about it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleScore {
+    /// Mean per-token NLL (nats) under the model's full-context, CFG-guided softmax.
+    pub nll: f64,
+    /// Sum over tokens of -log p_i(x_i) - H(p_i), with p_i the law NTP samples from (CFG,
+    /// temperature, top-k, top-p): zero in expectation for an exact sampler.
+    pub excess: f64,
+    /// Sum over tokens of Var_{x ~ p_i}[-log p_i(x)]: the variance of `excess` under NTP.
+    pub variance: f64,
+}
+
+/// Scores `tokens` with one teacher-forced raster pass: the NLL (the quality gap ZipAR pays)
+/// and the terms of the NLL-minus-entropy z-test (shared/notes/zipar-exact.md, 3.4): for an
+/// exact sampler, z = sum excess / sqrt(sum variance) over many images is ~N(0, 1); a lossy
+/// one shows a large positive z.
+pub fn score_sample(
     model: &mut dyn ImageArModel,
     cond: &Condition,
     tokens: &[u32],
     cfg_scale: f32,
-) -> anyhow::Result<f64> {
+    sampling: Sampling,
+) -> anyhow::Result<SampleScore> {
     let cfg = cfg_scale != 1.0;
     let logits = teacher_forced(model, cond, tokens, cfg)?;
-    let mut total = 0.0f64;
+    let (mut nll, mut excess, mut variance) = (0.0f64, 0.0f64, 0.0f64);
     for (i, &t) in tokens.iter().enumerate() {
         let l = match &logits.uncond {
             Some(u) if cfg => cfg_combine(&logits.cond[i], &u[i], cfg_scale),
             _ => logits.cond[i].clone(),
         };
-        let p = softmax(&l)[t as usize].max(1e-30);
-        total -= (p as f64).ln();
+        nll -= (softmax(&l)[t as usize].max(1e-30) as f64).ln();
+        // The law NTP draws from; a token outside its support (top-k/top-p) counts as
+        // probability 1e-30, a very large excess.
+        let p = distribution(&l, sampling);
+        let (mut h, mut second) = (0.0f64, 0.0f64);
+        for &q in p.iter().filter(|&&q| q > 0.0) {
+            let s = -(q as f64).ln();
+            h += q as f64 * s;
+            second += q as f64 * s * s;
+        }
+        excess += -(p[t as usize].max(1e-30) as f64).ln() - h;
+        variance += (second - h * h).max(0.0);
     }
-    Ok(total / tokens.len() as f64)
+    Ok(SampleScore {
+        nll: nll / tokens.len().max(1) as f64,
+        excess,
+        variance,
+    })
 }
 
 /// Entropy (bits) of the code histogram of one image.
@@ -111,6 +140,9 @@ pub struct EvalResult {
     pub top5: Option<f64>,
     /// Frechet distance of the classifier features to the real images'.
     pub frechet: Option<f64>,
+    /// NLL-minus-entropy z-score of the samples under the law NTP samples from: |z| < 4 for
+    /// an exact sampler; `None` for greedy decoding (a point mass has no spread).
+    pub z: Option<f64>,
 }
 
 /// Image-space scores of one setting's samples.
@@ -157,6 +189,7 @@ pub fn run_eval(
     let mut out = Vec::new();
     for s in settings {
         let (mut nll, mut passes, mut ent, mut n) = (0.0, 0.0, 0.0, 0usize);
+        let (mut excess, mut variance) = (0.0, 0.0);
         let mut images = Vec::new();
         for cond in conds {
             for &seed in seeds {
@@ -167,7 +200,11 @@ pub fn run_eval(
                     ..base
                 };
                 let trace = generate(model, cond, &params, &mut |_| Flow::Continue)?;
-                nll += score_nll(model, cond, &trace.tokens, base.cfg_scale)?;
+                let score =
+                    score_sample(model, cond, &trace.tokens, base.cfg_scale, base.sampling)?;
+                nll += score.nll;
+                excess += score.excess;
+                variance += score.variance;
                 passes += trace.passes as f64;
                 ent += code_entropy(&trace.tokens);
                 n += 1;
@@ -192,6 +229,7 @@ pub fn run_eval(
             top1: scores.as_ref().map(|x| x.top1),
             top5: scores.as_ref().map(|x| x.top5),
             frechet: scores.as_ref().map(|x| x.frechet),
+            z: (variance > 0.0).then(|| excess / variance.sqrt()),
         });
     }
     let base_nll = out
@@ -209,12 +247,12 @@ pub fn run_eval(
 /// The results as a text table.
 pub fn table(results: &[EvalResult]) -> String {
     let mut s = String::from(
-        "mode      window  samples  passes  NLL(nats)  gap-vs-NTP  code-entropy(bits)  top-1   top-5   Frechet\n",
+        "mode      window  samples  passes  NLL(nats)  gap-vs-NTP  code-entropy(bits)  top-1   top-5   Frechet  z(NLL-H)\n",
     );
     let opt = |x: Option<f64>, prec: usize| x.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for r in results {
         s.push_str(&format!(
-            "{:<9} {:>6}  {:>7}  {:>6.1}  {:>9.4}  {:>+10.4}  {:>18.3}  {:>5}  {:>6}  {:>8}\n",
+            "{:<9} {:>6}  {:>7}  {:>6.1}  {:>9.4}  {:>+10.4}  {:>18.3}  {:>5}  {:>6}  {:>8}  {:>8}\n",
             r.setting.mode.to_string(),
             r.setting.window,
             r.samples,
@@ -225,6 +263,7 @@ pub fn table(results: &[EvalResult]) -> String {
             opt(r.top1, 3),
             opt(r.top5, 3),
             opt(r.frechet, 2),
+            opt(r.z, 1),
         ));
     }
     s

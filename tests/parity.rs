@@ -394,3 +394,42 @@ fn acceptance_is_one_along_the_full_context_and_below_one_for_zipar_drafts() {
     // The full-width window is NTP's context (the row above is complete).
     assert!(r[1].drafted > 1.0 - 1e-4, "{}", r[1].drafted);
 }
+
+#[test]
+fn the_z_test_accepts_ntp_samples_and_rejects_samples_from_another_law() {
+    use zipar_studio::eval::score_sample;
+    let mut model = load("tiny");
+    let law = |temperature| Sampling::Random {
+        temperature,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    // z over 80 images drawn with `draw`, scored against the law NTP draws from at T = 1
+    let mut z = |draw: Sampling| {
+        let (mut excess, mut variance) = (0.0, 0.0);
+        for seed in 0..40 {
+            for class in [1, 5] {
+                let params = GenerateParams {
+                    mode: Mode::Ntp,
+                    window: 6,
+                    cfg_scale: 2.0,
+                    sampling: draw,
+                    seed,
+                    mask_unwritten: false,
+                };
+                let cond = Condition::Class(class);
+                let x = generate(&mut model, &cond, &params, &mut |_| Flow::Continue)
+                    .expect("runs")
+                    .tokens;
+                let s = score_sample(&mut model, &cond, &x, 2.0, law(1.0)).expect("scores");
+                excess += s.excess;
+                variance += s.variance;
+            }
+        }
+        excess / f64::sqrt(variance)
+    };
+    let exact = z(law(1.0));
+    assert!(exact.abs() < 4.0, "NTP's own law: z = {exact}");
+    let hot = z(law(1.6));
+    assert!(hot > 4.0, "samples from a hotter law: z = {hot}");
+}
