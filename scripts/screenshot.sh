@@ -23,7 +23,7 @@ export DISPLAY=$display
 sleep 2
 "$bin" >"$tmp/app.log" 2>&1 &
 app=$!
-trap 'kill $app $xvfb 2>/dev/null || true' EXIT
+trap 'kill $app $xvfb 2>/dev/null || true; rm -rf "$tmp"' EXIT
 sleep 6
 win=$(xdotool search --name "ZipAR Studio" | head -1)
 xdotool windowfocus "$win"

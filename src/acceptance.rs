@@ -9,12 +9,17 @@
 //! uses (CFG, temperature, top-k, top-p). The mean of a over the drafted rows predicts the
 //! exact mode's pass count (the note's tables); per row and per column it shows where
 //! rejections would cluster.
+//!
+//! Drafts are the cells ZipAR predicts in or before the pass that produces the last cell of
+//! the row above. The exact mode samples a row's later cells in its verifying chain, with the
+//! full context; lossy ZipAR predicts them over the stale K/V of the row's drafted cells, so
+//! their a is close to, not exactly, 1 (`all` includes them).
 
 use serde::Serialize;
 
 use crate::decode::engine::{combine, run_pass};
-use crate::decode::sampling::distribution;
-use crate::decode::{Flow, GenerateParams, Mode, Sampling, Schedule, generate};
+use crate::decode::sampling::{argmax, distribution};
+use crate::decode::{Flow, GenerateParams, Layout, Mode, Sampling, Schedule, generate};
 use crate::eval::teacher_forced;
 use crate::model::{Condition, ImageArModel, RunOptions};
 
@@ -25,16 +30,42 @@ pub struct Acceptance {
     pub window: usize,
     /// NTP samples teacher-forced.
     pub samples: usize,
-    /// Mean a over the cells ZipAR drafts under partial context (rows 2 and below).
+    /// Mean a over the cells ZipAR drafts under partial context: those predicted no later
+    /// than the last cell of the row above (later cells of a row see the row above complete).
     pub drafted: f64,
-    /// Mean a over every cell (rows 0 and 1 are decoded as NTP decodes them: a = 1).
+    /// Cells per image counted in `drafted`.
+    pub drafted_cells: usize,
+    /// Mean a over every cell (cells decoded with the full context have a = 1).
     pub all: f64,
     /// Share of drafted cells with a >= 0.9.
     pub share_above_90: f64,
     /// Mean a per row.
     pub per_row: Vec<f64>,
-    /// Mean a per column, over the drafted rows.
+    /// Mean a per column, over the drafted cells (NaN where a column has none).
     pub per_col: Vec<f64>,
+}
+
+/// Whether each cell (raster order) is predicted under partial context by the schedule: in
+/// or before the pass that produces the last cell of the row above.
+pub fn drafted_cells(schedule: &Schedule) -> Vec<bool> {
+    let w = schedule.w;
+    let pass = schedule.pass_of();
+    (0..pass.len())
+        .map(|i| i >= w && pass[i] <= pass[(i / w) * w - 1])
+        .collect()
+}
+
+/// The law a cell is drawn from: the sampler's distribution, or the one-hot argmax when
+/// decoding is greedy (a draft then passes iff both argmaxes agree).
+fn law(logits: &[f32], sampling: Sampling) -> Vec<f32> {
+    if sampling == Sampling::Greedy {
+        let mut p = vec![0.0; logits.len()];
+        if !p.is_empty() {
+            p[argmax(logits)] = 1.0;
+        }
+        return p;
+    }
+    distribution(logits, sampling)
 }
 
 /// sum_x min(p(x), q(x)): the probability that a draft from `q` passes the exact test
@@ -73,7 +104,7 @@ pub fn schedule_laws(
         })?;
         for (row, cell) in pass.predicted().enumerate() {
             anyhow::ensure!(row < logits.cond.len(), "too few rows of logits");
-            laws[cell.row * w + cell.col] = distribution(&combine(&logits, row, cfg), sampling);
+            laws[cell.row * w + cell.col] = law(&combine(&logits, row, cfg), sampling);
         }
     }
     Ok(laws)
@@ -90,7 +121,7 @@ pub fn ntp_laws(
     let cfg = (cfg_scale != 1.0).then_some(cfg_scale);
     let logits = teacher_forced(model, cond, tokens, cfg.is_some())?;
     Ok((0..tokens.len())
-        .map(|i| distribution(&combine(&logits, i, cfg), sampling))
+        .map(|i| law(&combine(&logits, i, cfg), sampling))
         .collect())
 }
 
@@ -107,6 +138,11 @@ pub fn measure(
 ) -> anyhow::Result<Vec<Acceptance>> {
     let (h, w) = model.grid();
     let layout = model.layout();
+    // Teacher forcing feeds the raster order without separators.
+    anyhow::ensure!(
+        layout == Layout::Raster,
+        "acceptance is measured for the raster layout only"
+    );
     let schedules = windows
         .iter()
         .map(|&s| Schedule::zipar(h, w, layout, s))
@@ -114,11 +150,11 @@ pub fn measure(
     // sums[window][cell]
     let mut sums = vec![vec![0.0f64; h * w]; windows.len()];
     let mut n = 0usize;
-    for cond in conds {
+    for (k, cond) in conds.iter().enumerate() {
         for &seed in seeds {
             let params = GenerateParams {
                 mode: Mode::Ntp,
-                seed,
+                seed: crate::eval::sample_seed(seed, k),
                 ..base
             };
             let x = generate(model, cond, &params, &mut |_| Flow::Continue)?.tokens;
@@ -144,27 +180,31 @@ pub fn measure(
     let k = n.max(1) as f64;
     Ok(windows
         .iter()
+        .zip(&schedules)
         .zip(&sums)
-        .map(|(&window, sum)| {
+        .map(|((&window, schedule), sum)| {
             let a: Vec<f64> = sum.iter().map(|v| v / k).collect();
             let per_row: Vec<f64> = a.chunks(w).map(mean).collect();
-            let drafted = &a[(2 * w).min(a.len())..];
+            let is_drafted = drafted_cells(schedule);
+            let drafted: Vec<f64> = (0..a.len())
+                .filter(|&i| is_drafted[i])
+                .map(|i| a[i])
+                .collect();
             let per_col = (0..w)
                 .map(|c| {
-                    mean(
-                        &drafted
-                            .iter()
-                            .skip(c)
-                            .step_by(w)
-                            .copied()
-                            .collect::<Vec<_>>(),
-                    )
+                    let col: Vec<f64> = (c..a.len())
+                        .step_by(w)
+                        .filter(|&i| is_drafted[i])
+                        .map(|i| a[i])
+                        .collect();
+                    mean(&col)
                 })
                 .collect();
             Acceptance {
                 window,
                 samples: n,
-                drafted: mean(drafted),
+                drafted: mean(&drafted),
+                drafted_cells: drafted.len(),
                 all: mean(&a),
                 share_above_90: drafted.iter().filter(|&&v| v >= 0.9).count() as f64
                     / drafted.len().max(1) as f64,
@@ -194,7 +234,13 @@ pub fn table(results: &[Acceptance]) -> String {
     }
     let fmt = |v: &[f64]| {
         v.iter()
-            .map(|x| format!("{x:.2}"))
+            .map(|x| {
+                if x.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{x:.2}")
+                }
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };

@@ -67,7 +67,9 @@ pub struct SampleScore {
 /// Scores `tokens` with one teacher-forced raster pass: the NLL (the quality gap ZipAR pays)
 /// and the terms of the NLL-minus-entropy z-test (shared/notes/zipar-exact.md, 3.4): for an
 /// exact sampler, z = sum excess / sqrt(sum variance) over many images is ~N(0, 1); a lossy
-/// one shows a large positive z.
+/// one shows a large positive z. Meaningless for greedy decoding (its law is a point mass; the
+/// terms are computed under the softmax then). A token just outside a top-k / top-p cut-off
+/// because of rounding (f16 on a GPU) counts as probability 1e-30, about 69 nats of excess.
 pub fn score_sample(
     model: &mut dyn ImageArModel,
     cond: &Condition,
@@ -175,6 +177,13 @@ fn score_images(
     })
 }
 
+/// The RNG seed of sample `seed` of the `k`-th condition: every (condition, seed) pair draws
+/// its own random stream, so samples are independent across conditions (the z-test's sum
+/// assumes it; with one shared stream the same uniforms pick the same ranks in every image).
+pub fn sample_seed(seed: u64, k: usize) -> u64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(k as u64)
+}
+
 /// Generates every (condition, seed) in every setting and scores them; with a classifier,
 /// also in image space. `progress` is called after each sample.
 pub fn run_eval(
@@ -191,12 +200,12 @@ pub fn run_eval(
         let (mut nll, mut passes, mut ent, mut n) = (0.0, 0.0, 0.0, 0usize);
         let (mut excess, mut variance) = (0.0, 0.0);
         let mut images = Vec::new();
-        for cond in conds {
+        for (k, cond) in conds.iter().enumerate() {
             for &seed in seeds {
                 let params = GenerateParams {
                     mode: s.mode,
                     window: s.window,
-                    seed,
+                    seed: sample_seed(seed, k),
                     ..base
                 };
                 let trace = generate(model, cond, &params, &mut |_| Flow::Continue)?;
@@ -229,7 +238,8 @@ pub fn run_eval(
             top1: scores.as_ref().map(|x| x.top1),
             top5: scores.as_ref().map(|x| x.top5),
             frechet: scores.as_ref().map(|x| x.frechet),
-            z: (variance > 0.0).then(|| excess / variance.sqrt()),
+            z: (base.sampling != Sampling::Greedy && variance > 0.0)
+                .then(|| excess / variance.sqrt()),
         });
     }
     let base_nll = out

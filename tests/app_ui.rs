@@ -330,6 +330,8 @@ fn the_replay_plays_steps_and_keeps_a_compare_pair_in_sync() {
         assert_eq!(now[1].0, at.min(21));
         if at > 0 {
             assert_eq!(now[0].1, Some(at - 1));
+            // ZipAR's front is the same pass while the position is inside its 21 passes
+            assert_eq!(now[1].1, (at <= 21).then(|| at - 1));
         }
         seen.push(at);
     }
@@ -364,4 +366,17 @@ fn the_replay_plays_steps_and_keeps_a_compare_pair_in_sync() {
     }
     assert!(!h.state().player.playing);
     assert_eq!(h.state().player.shown(), 30);
+
+    // Space plays once Esc has taken the keyboard from the prompt (in the prompt it types).
+    h.get_by_label("Prompt").click();
+    h.step();
+    h.key_press(egui::Key::Escape);
+    h.step();
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(h.state().player.playing, "Space toggles play");
+    assert_eq!(h.state().settings.prompt, "cat", "the prompt got no space");
+    h.key_press(egui::Key::Space);
+    h.step();
+    assert!(!h.state().player.playing, "Space pauses");
 }

@@ -853,10 +853,13 @@ impl StudioApp {
         if self.player.advance(dt) {
             ui.ctx().request_repaint();
         }
+        // Space toggles play unless a text field has the keyboard (the prompt keeps it after
+        // Enter so that Enter generates again; Esc leaves it).
         let no_focus = ui.ctx().memory(|m| m.focused().is_none());
         if no_focus && ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Space)) {
             self.player.toggle();
         }
+        let before = self.player.clone();
         let p = &mut self.player;
         ui.horizontal(|ui| {
             if ui
@@ -869,7 +872,9 @@ impl StudioApp {
             let label = if p.playing { "Pause" } else { "Play" };
             if ui
                 .button(label)
-                .on_hover_text("replay the passes at the speed set here (Space)")
+                .on_hover_text(
+                    "replay the passes at the speed set here (Space, once Esc has left the prompt)",
+                )
                 .clicked()
             {
                 p.toggle();
@@ -894,7 +899,7 @@ impl StudioApp {
             if ui
                 .add(
                     egui::DragValue::new(&mut speed)
-                        .range(0.5..=2000.0)
+                        .range(player::MIN_SPEED..=2000.0)
                         .speed(0.5)
                         .max_decimals(1),
                 )
@@ -917,6 +922,10 @@ impl StudioApp {
             }
             ui.checkbox(&mut p.looping, "Loop");
         });
+        if self.player != before {
+            // a click starts playback at once, not at the next input event
+            ui.ctx().request_repaint();
+        }
     }
 }
 

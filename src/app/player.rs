@@ -4,6 +4,9 @@
 /// By default a replay of the longest run on screen lasts about this long.
 pub const DEFAULT_REPLAY_S: f64 = 5.0;
 
+/// Slowest replay speed (passes per second).
+pub const MIN_SPEED: f64 = 0.1;
+
 /// Longest frame step the player takes: a stalled frame does not jump the replay to its end.
 const MAX_FRAME_S: f64 = 0.25;
 
@@ -70,7 +73,7 @@ impl Player {
     pub fn passes_per_s(&self) -> f64 {
         self.speed
             .unwrap_or(self.longest as f64 / DEFAULT_REPLAY_S)
-            .max(0.1)
+            .max(MIN_SPEED)
     }
 
     /// Play from where it is (from the start when at the end), or pause.
