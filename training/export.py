@@ -18,11 +18,12 @@ from train_gpt import gpt_args
 from train_vq import VQ_ARGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "..", "assets", "models", "emoji-v2")
+OUT = os.path.join(HERE, "..", "assets", "models", "emoji")
 CKPT = os.path.join(HERE, "checkpoints")
-# Decoding settings recommended for the built-in model (chosen with match_check.py; see
-# training/README.md): the app and the CLI start from these.
-DEFAULTS = {"cfg": 1.0}
+# Decoding settings recommended for the built-in model (chosen with `zipar-studio eval`: the
+# largest speed-up within the quality targets; README, "The built-in model"): the app and
+# the CLI start from these.
+DEFAULTS = {"cfg": 2.0, "temperature": 1.0, "window": 4}
 
 
 def load_vq(run_dir: str):

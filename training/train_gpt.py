@@ -20,7 +20,7 @@ from llamagen import Gpt, GptArgs, VqModel
 from train_vq import VQ_ARGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ASSETS = os.path.join(HERE, "..", "assets", "models", "emoji-v2")
+ASSETS = os.path.join(HERE, "..", "assets", "models", "emoji")
 
 
 def zipar_context(s: int, h: int, w: int) -> torch.Tensor:
