@@ -5,6 +5,7 @@
 #                        front is one cell in NTP and a diagonal across rows in ZipAR;
 #   docs/race.png        the race as a strip: the Image view at passes 16, 40, 64, 88, 160
 #                        and 256 (NTP above, ZipAR below), both advancing at one pass rate.
+# ZipAR runs with the model's recommended window (config.json "defaults"), as the app does.
 # Needs Xvfb, xdotool and ImageMagick (`import`, `convert`).
 #   bash scripts/screenshot.sh [zipar-studio binary] [out dir]
 set -euo pipefail
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/release/zipar-studio}")
 out=$(realpath -m "${2:-docs}")
 mkdir -p "$out"
+window=$(python3 -c 'import json; print(json.load(open("assets/models/emoji/config.json")).get("defaults", {}).get("window", 4))' 2>/dev/null || echo 4)
 tmp=$(mktemp -d)
 HOME=$tmp/home
 mkdir -p "$HOME"
@@ -56,6 +58,6 @@ for p in 16 40 64 88 160 256; do
   frames+=("$tmp/frame_$p.png")
 done
 convert -size 90x440 xc:'#1b1b1b' -fill white -pointsize 15 -gravity west \
-  -annotate +8-90 "NTP" -annotate +8+116 "ZipAR-4" "$tmp/side.png"
+  -annotate +8-90 "NTP" -annotate +8+116 "ZipAR-$window" "$tmp/side.png"
 convert "$tmp/side.png" "${frames[@]}" +append "$out/race.png"
 echo "wrote $out/screenshot.png and $out/race.png"

@@ -224,12 +224,13 @@ fn mean(xs: &[f64]) -> f64 {
 
 /// The results as text: one line per window, then the per-row and per-column means.
 pub fn table(results: &[Acceptance]) -> String {
-    let mut s =
-        String::from("window  samples  a(drafted rows)  a(all cells)  drafted cells a>=0.9\n");
+    let mut s = String::from(
+        "window  samples  drafts/image  a(drafts)  a(all cells)  drafts with a>=0.9\n",
+    );
     for r in results {
         s.push_str(&format!(
-            "{:>6}  {:>7}  {:>15.4}  {:>12.4}  {:>20.3}\n",
-            r.window, r.samples, r.drafted, r.all, r.share_above_90
+            "{:>6}  {:>7}  {:>12}  {:>9.4}  {:>12.4}  {:>18.3}\n",
+            r.window, r.samples, r.drafted_cells, r.drafted, r.all, r.share_above_90
         ));
     }
     let fmt = |v: &[f64]| {
