@@ -339,6 +339,14 @@ fn base_params(model: &LlamaGen, cfg: Option<f32>, greedy: bool) -> anyhow::Resu
     Ok(base)
 }
 
+/// Up to `k` class ids spread evenly over `0..n`.
+fn spread_classes(n: u32, k: u32) -> Vec<u32> {
+    let k = k.min(n).max(1);
+    (0..k)
+        .map(|i| (i * n / k).min(n.saturating_sub(1)))
+        .collect()
+}
+
 /// Peak resident set size of this process (Linux).
 fn peak_rss_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -364,7 +372,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let classes: Vec<u32> = match (&classifier, args.class.is_empty()) {
         (_, false) => args.class.clone(),
         (Some(c), true) => (0..n).step_by(c.class_stride.max(1) as usize).collect(),
-        (None, true) => (0..8u32).map(|i| (i * n / 8).min(n - 1)).collect(),
+        (None, true) => spread_classes(n, 8),
     };
     let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
     let settings = settings_list(&model, &args.windows, &args.adaptive)?;
@@ -419,21 +427,11 @@ pub fn run_acceptance(args: &AcceptanceArgs) -> anyhow::Result<()> {
         export::check_writable(j)?;
     }
     let device = weights::parse_device(&args.device)?;
+    // An out-of-range window is refused by the schedule before any sample is drawn.
     let mut model = load_model(args.model.as_deref(), &device)?;
-    let (_, w) = model.grid();
-    let range = crate::decode::schedule::window_range(model.layout(), w);
-    for &s in &args.windows {
-        anyhow::ensure!(
-            range.contains(&s),
-            "window {s} is out of range: it must be between {} and {} for a grid {w} wide",
-            range.start(),
-            range.end()
-        );
-    }
     let n = model.manifest.gpt.num_classes.max(1) as u32;
     let classes: Vec<u32> = if args.class.is_empty() {
-        let k = n.min(32);
-        (0..k).map(|i| (i * n / k).min(n - 1)).collect()
+        spread_classes(n, 32)
     } else {
         args.class.clone()
     };
