@@ -150,6 +150,9 @@ pub enum ModeArg {
     Zipar,
     /// ZipAR with drafts verified by rejection sampling; `--window` is the smallest window.
     Adaptive,
+    /// Lossless ZipAR: every early token is a draft tested against the full-context
+    /// distribution, so the output has NTP's law; `--window` is ZipAR's window.
+    Exact,
 }
 
 /// `generate` flags (DESIGN.md section 6).
@@ -217,6 +220,7 @@ impl GenerateArgs {
                 ModeArg::Ntp => Mode::Ntp,
                 ModeArg::Zipar => Mode::Zipar,
                 ModeArg::Adaptive => Mode::Adaptive,
+                ModeArg::Exact => Mode::Exact,
             },
             window: self.window.unwrap_or(defaults.window),
             cfg_scale: self.cfg.unwrap_or(defaults.cfg),

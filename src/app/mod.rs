@@ -210,6 +210,7 @@ impl StudioApp {
                 Mode::Ntp => "NTP".to_string(),
                 Mode::Zipar => format!("ZipAR s={}", params.window),
                 Mode::Adaptive => format!("Adaptive s_min={}", params.window),
+                Mode::Exact => format!("Exact s={}", params.window),
             };
             self.lanes.push(Lane {
                 run: RunView::new(job, label, params),
@@ -644,6 +645,10 @@ impl StudioApp {
             ui.selectable_value(&mut self.settings.mode, Mode::Zipar, "ZipAR");
             ui.selectable_value(&mut self.settings.mode, Mode::Adaptive, "Adaptive")
                 .on_hover_text("drafts verified by rejection sampling; the window is the minimum");
+            ui.selectable_value(&mut self.settings.mode, Mode::Exact, "Exact").on_hover_text(
+                "lossless: ZipAR's tokens are drafts, each tested once against the full-context \
+                 distribution; the output has NTP's law, rejections only cost passes",
+            );
         });
         let range = match &self.model {
             ModelState::Ready(i) => i.windows.clone(),

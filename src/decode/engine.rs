@@ -98,11 +98,14 @@ pub fn schedule_for(
     match mode {
         Mode::Ntp => Schedule::ntp(h, w, model.layout()),
         Mode::Zipar => Schedule::zipar(h, w, model.layout(), window),
-        // The adaptive count is data-dependent: this is its lower bound (all drafts accepted).
-        Mode::Adaptive => Schedule::zipar(h, w, model.layout(), window).map(|mut s| {
-            s.mode = Mode::Adaptive;
-            s
-        }),
+        // Adaptive and exact counts are data-dependent: this is their lower bound (all drafts
+        // accepted).
+        Mode::Adaptive | Mode::Exact => {
+            Schedule::zipar(h, w, model.layout(), window).map(|mut s| {
+                s.mode = mode;
+                s
+            })
+        }
     }
 }
 
@@ -114,6 +117,9 @@ pub fn generate(
     sink: &mut dyn FnMut(&PassReport) -> Flow,
 ) -> Result<DecodeTrace, EngineError> {
     let (h, w) = model.grid();
+    if params.mode == Mode::Exact {
+        return super::exact::generate(model, cond, params, sink);
+    }
     if params.mode == Mode::Adaptive && h >= 2 && params.window < w {
         return generate_adaptive(model, cond, params, sink);
     }
@@ -129,14 +135,14 @@ pub(crate) fn combine(logits: &PassLogits, i: usize, cfg: Option<f32>) -> Vec<f3
 }
 
 /// What both engines set up before the first pass.
-struct RunSetup {
-    trace: DecodeTrace,
-    cfg: Option<f32>,
-    opts: RunOptions,
-    sampler: Sampler,
+pub(super) struct RunSetup {
+    pub(super) trace: DecodeTrace,
+    pub(super) cfg: Option<f32>,
+    pub(super) opts: RunOptions,
+    pub(super) sampler: Sampler,
 }
 
-fn setup(
+pub(super) fn setup(
     params: &GenerateParams,
     h: usize,
     w: usize,
@@ -162,7 +168,7 @@ fn setup(
 
 /// Records a finished pass in the trace and reports it; `Err` when the sink stops the run
 /// before its last pass.
-fn finish_pass(
+pub(super) fn finish_pass(
     trace: &mut DecodeTrace,
     sink: &mut dyn FnMut(&PassReport) -> Flow,
     report: PassReport,
@@ -184,7 +190,7 @@ fn finish_pass(
     Ok(())
 }
 
-fn check_rows(logits: &PassLogits, want: usize) -> Result<(), EngineError> {
+pub(super) fn check_rows(logits: &PassLogits, want: usize) -> Result<(), EngineError> {
     if logits.cond.len() != want {
         return Err(anyhow::anyhow!(
             "model returned {} rows of logits for {} predictions",

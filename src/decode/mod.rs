@@ -3,6 +3,7 @@
 
 pub mod adaptive;
 pub mod engine;
+pub mod exact;
 pub mod sampling;
 pub mod schedule;
 pub mod trace;

@@ -84,6 +84,8 @@ pub enum Mode {
     Zipar,
     /// ZipAR with a window chosen per row by draft verification.
     Adaptive,
+    /// ZipAR's drafts tested against the full-context distribution: NTP's law, lossless.
+    Exact,
 }
 
 impl std::fmt::Display for Mode {
@@ -92,6 +94,7 @@ impl std::fmt::Display for Mode {
             Mode::Ntp => "ntp",
             Mode::Zipar => "zipar",
             Mode::Adaptive => "adaptive",
+            Mode::Exact => "exact",
         })
     }
 }

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::exact::ExactRecord;
 use super::sampling::Sampling;
 use super::schedule::{Cell, Mode};
 
@@ -45,6 +46,9 @@ pub struct DecodeTrace {
     pub seed: u64,
     /// Total decoding time in milliseconds (passes only, not image decoding).
     pub total_ms: f64,
+    /// The exact mode's fates, draft passes and acceptance (absent for the other modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<ExactRecord>,
 }
 
 impl DecodeTrace {
@@ -70,6 +74,7 @@ impl DecodeTrace {
             sampling: Sampling::Greedy,
             seed: 0,
             total_ms: 0.0,
+            exact: None,
         }
     }
 
