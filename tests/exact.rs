@@ -82,7 +82,7 @@ impl Mock {
     }
 
     fn is_separator(&self, i: usize) -> bool {
-        self.layout == Layout::EndOfRow && (i + 1) % (self.w + 1) == 0
+        self.layout == Layout::EndOfRow && (i + 1).is_multiple_of(self.w + 1)
     }
 
     /// The true logits for position `i` after `prefix` (one half of CFG).
