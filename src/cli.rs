@@ -84,6 +84,9 @@ pub struct EvalArgs {
     /// Adaptive minimum windows (comma separated; `--adaptive` alone for none).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "2,4")]
     pub adaptive: Vec<usize>,
+    /// Exact-mode windows (comma separated; `--exact` alone for none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "4,8")]
+    pub exact: Vec<usize>,
     /// Samples (seeds 0..N) per class [default: 1 with a classifier's subset, else 2].
     #[arg(long)]
     pub samples: Option<u64>,
@@ -124,6 +127,9 @@ pub struct BenchArgs {
     /// Adaptive minimum windows to time (comma separated; `--adaptive` alone for none).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "2,4")]
     pub adaptive: Vec<usize>,
+    /// Exact-mode windows to time (comma separated; `--exact` alone for none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "4,8")]
+    pub exact: Vec<usize>,
     /// Seeds (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
@@ -301,11 +307,12 @@ pub fn load_model(
     Ok(LlamaGen::load(&dir, device)?)
 }
 
-/// NTP, then ZipAR for each window, then adaptive for each minimum window.
+/// NTP, then ZipAR for each window, adaptive for each minimum window, exact for each window.
 fn settings_list(
     model: &LlamaGen,
     windows: &[usize],
     adaptive: &[usize],
+    exact: &[usize],
 ) -> anyhow::Result<Vec<Setting>> {
     let (_, w) = model.grid();
     let range = crate::decode::schedule::window_range(model.layout(), w);
@@ -316,7 +323,8 @@ fn settings_list(
     let all = windows
         .iter()
         .map(|&s| (Mode::Zipar, s))
-        .chain(adaptive.iter().map(|&s| (Mode::Adaptive, s)));
+        .chain(adaptive.iter().map(|&s| (Mode::Adaptive, s)))
+        .chain(exact.iter().map(|&s| (Mode::Exact, s)));
     for (mode, s) in all {
         anyhow::ensure!(
             range.contains(&s),
@@ -379,7 +387,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         (None, true) => spread_classes(n, 8),
     };
     let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
-    let settings = settings_list(&model, &args.windows, &args.adaptive)?;
+    let settings = settings_list(&model, &args.windows, &args.adaptive, &args.exact)?;
     let samples = args
         .samples
         .unwrap_or(if classifier.is_some() { 1 } else { 2 });
@@ -483,7 +491,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if conds.is_empty() {
         conds.push(Condition::Class(0));
     }
-    let settings = settings_list(&model, &args.windows, &args.adaptive)?;
+    let settings = settings_list(&model, &args.windows, &args.adaptive, &args.exact)?;
     let base = base_params(&model, args.cfg, args.greedy)?;
     let results = bench::run_bench(&mut model, &conds, base, &settings, &args.seeds)?;
     println!(

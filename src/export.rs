@@ -68,12 +68,22 @@ pub fn pass_map_image(trace: &DecodeTrace, cell: usize) -> RgbImage {
     }
 }
 
-/// One CSV row per token: row, col, token, pass, window, rejections, prob.
+/// One CSV row per token: row, col, token, pass, window, rejections, prob, and for the exact
+/// mode fate, draft_pass, accept_prob (empty otherwise).
 pub fn trace_csv(trace: &DecodeTrace) -> String {
-    let mut out = String::from("row,col,token,pass,window,rejections,prob\n");
+    let mut out =
+        String::from("row,col,token,pass,window,rejections,prob,fate,draft_pass,accept_prob\n");
     for i in 0..trace.tokens.len() {
+        let (fate, draft, accept) = match &trace.exact {
+            Some(rec) => (
+                rec.fate_of[i].name().to_string(),
+                rec.draft_pass_of[i].map_or(String::new(), |p| p.to_string()),
+                rec.accept_prob_of[i].map_or(String::new(), |a| format!("{a:.6}")),
+            ),
+            None => Default::default(),
+        };
         out.push_str(&format!(
-            "{},{},{},{},{},{},{:.6}\n",
+            "{},{},{},{},{},{},{:.6},{fate},{draft},{accept}\n",
             i / trace.grid_w,
             i % trace.grid_w,
             trace.tokens[i],

@@ -112,7 +112,9 @@ fn type_prompt_generate_and_export() {
             Some("csv") => {
                 let text = std::fs::read_to_string(f).expect("read");
                 assert_eq!(text.lines().count(), 31);
-                assert!(text.starts_with("row,col,token,pass,window,rejections,prob"));
+                assert!(text.starts_with(
+                    "row,col,token,pass,window,rejections,prob,fate,draft_pass,accept_prob"
+                ));
             }
             other => panic!("unexpected file {other:?}"),
         }

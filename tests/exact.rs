@@ -306,8 +306,21 @@ fn exact(refresh: Refresh) -> Decoder {
     })
 }
 
+/// The policy with the fewest inputs per pass: at most one kept draft re-fed, one row ahead.
+fn lean() -> Decoder {
+    Decoder::Exact(ExactOptions {
+        max_tail: 1,
+        rows_ahead: Some(1),
+        ..Default::default()
+    })
+}
+
 fn flawed(refresh: Refresh, flaws: Flaws) -> Decoder {
-    Decoder::Exact(ExactOptions { refresh, flaws })
+    Decoder::Exact(ExactOptions {
+        refresh,
+        flaws,
+        ..Default::default()
+    })
 }
 
 /// Histogram of `n` images (seeds 0..n, two threads), and the mean pass count.
@@ -451,6 +464,14 @@ fn the_exact_mode_has_the_ntp_law_at_window_3_and_with_separators() {
         ..Setup::small(Layout::Raster, 3)
     };
     assert_exact(wide, exact(Refresh::Off), 300_000, "exact TAIL 3x4 s=3");
+    // Three drafts in row 2: the lean policy re-feeds one kept draft per pass, not two.
+    let long = Setup {
+        w: 5,
+        ..Setup::small(Layout::Raster, 2)
+    };
+    let lean_passes = assert_exact(long, lean(), 300_000, "exact lean 3x5 s=2");
+    let full_passes = assert_exact(long, exact(Refresh::Coupled), 300_000, "exact 3x5 s=2");
+    assert!(lean_passes > full_passes, "the lean cap did not bind");
     for s in [2, 3] {
         let eor = Setup::small(Layout::EndOfRow, s);
         assert_exact(

@@ -53,14 +53,25 @@ pub enum Fate {
     Residual,
 }
 
+impl Fate {
+    /// The name used in traces and CSV files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fate::Plain => "plain",
+            Fate::Accepted => "accepted",
+            Fate::Residual => "residual",
+        }
+    }
+}
+
 /// What happens to a row's untested drafts after a rejection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Refresh {
     /// Keep them as they are (TAIL); they are tested next pass.
-    #[default]
     Off,
     /// Refresh each by maximal coupling with the logits this pass computed at its
     /// predecessor's slot, and store that law as its q.
+    #[default]
     Coupled,
 }
 
@@ -78,14 +89,34 @@ pub struct Flaws {
     pub no_refeed: bool,
 }
 
-/// Options of the exact mode beyond [`GenerateParams`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Options of the exact mode beyond [`GenerateParams`]. None of them changes the output law;
+/// they trade inputs per pass against passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExactOptions {
     /// Policy for the drafts after a rejection.
     pub refresh: Refresh,
+    /// At most this many drafts kept after a rejection are re-fed (and so tested) per pass.
+    pub max_tail: usize,
+    /// Rows below the first incomplete row that may draft; `None`: as many as ZipAR keeps
+    /// active, ceil(w / s).
+    pub rows_ahead: Option<usize>,
+
     /// Test switches (see [`Flaws`]).
     #[doc(hidden)]
     pub flaws: Flaws,
+}
+
+/// The default policy has the fewest passes on the built-in model (README, "ZipAR-exact"):
+/// coupled refresh, every kept draft re-fed, ZipAR's staircase of rows.
+impl Default for ExactOptions {
+    fn default() -> Self {
+        Self {
+            refresh: Refresh::Coupled,
+            max_tail: usize::MAX,
+            rows_ahead: None,
+            flaws: Flaws::default(),
+        }
+    }
 }
 
 /// Per-cell and per-pass records of an exact run, beyond the common trace fields.
@@ -152,6 +183,8 @@ struct Draft {
     x: u32,
     q: Vec<f32>,
     pass: usize,
+    /// Kept untested after a rejection to its left (TAIL).
+    tail: bool,
 }
 
 /// Decoding state between passes.
@@ -219,10 +252,9 @@ impl State {
     }
 }
 
-/// A row's next cell and where its logits come from.
+/// A row's next cell and the input whose logits draft it.
 struct Target {
     pos: usize,
-    /// Input whose logits predict it.
     input: usize,
 }
 
@@ -307,6 +339,9 @@ pub fn generate_with(
     finish_pass(&mut trace, sink, report, st.fin == seq.len)?;
 
     let chain_cap = w + 1;
+    let rows_ahead = options
+        .rows_ahead
+        .unwrap_or_else(|| w.div_ceil(params.window.max(1)));
     let mut index = 0;
     while st.fin < seq.len {
         index += 1;
@@ -321,8 +356,15 @@ pub fn generate_with(
         }];
         if !flaws.no_refeed {
             let mut j = f;
+            let mut tails = 0;
             while j + 1 < seq.len && j - f < chain_cap {
                 let Some(token) = st.token_at(j) else { break };
+                if st.drafts[j].as_ref().is_some_and(|d| d.tail) {
+                    if tails == options.max_tail {
+                        break;
+                    }
+                    tails += 1;
+                }
                 inputs.push(ModelInput {
                     token,
                     pos: j,
@@ -334,8 +376,9 @@ pub fn generate_with(
         let chain_end = f - 1 + inputs.len() - 1;
         // (2) One drafting input per started row whose next cell is beyond the chain.
         let mut targets = Vec::new();
+        let top = seq.cell(f).map_or_else(|| (f + 1) / (w + 1), |c| c.row);
         for r in 0..h {
-            if !st.started[r] {
+            if !st.started[r] || r > top + rows_ahead {
                 continue;
             }
             let c = st.front(r);
@@ -453,6 +496,17 @@ pub fn generate_with(
         }
 
         // (4) TAIL: drafts after a rejection stay; optionally refresh them by coupling.
+        if let Some(js) = rejected_at {
+            let row = seq.cell(js).map(|c| c.row);
+            for k in js + 1..seq.len {
+                if seq.cell(k).map(|c| c.row) != row {
+                    break;
+                }
+                if let Some(d) = st.drafts[k].as_mut() {
+                    d.tail = true;
+                }
+            }
+        }
         if let (Some(js), Refresh::Coupled) = (rejected_at, options.refresh) {
             for k in js + 1..=(chain_end + 1).min(seq.len - 1) {
                 let Some(d) = st.drafts[k].as_mut() else {
@@ -474,6 +528,7 @@ pub fn generate_with(
                 };
                 d.x = x;
                 d.pass = index;
+                d.tail = true;
                 if !flaws.stale_q {
                     d.q = p2;
                 }
@@ -490,6 +545,7 @@ pub fn generate_with(
                 x: s.token,
                 q,
                 pass: index,
+                tail: false,
             });
         }
         st.activate();
