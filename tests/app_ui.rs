@@ -382,3 +382,55 @@ fn the_replay_plays_steps_and_keeps_a_compare_pair_in_sync() {
     h.step();
     assert!(!h.state().player.playing, "Space pauses");
 }
+
+#[test]
+fn an_exact_compare_shows_fates_badges_and_draft_acceptance() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(out.path());
+    s.mode = Mode::Exact;
+    s.window = 2;
+    s.greedy = false;
+    s.view = zipar_studio::app::settings::ViewMode::Fate;
+    let mut h = harness(s);
+    step_until(&mut h, "the model", model_ready);
+    type_prompt(&mut h, "cat");
+    h.get_by_label("Compare").click();
+    step_until(&mut h, "both runs", finished);
+    let runs: Vec<_> = h.state().runs().cloned().collect();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].params.mode, Mode::Ntp);
+    let exact = &runs[1];
+    assert_eq!(exact.params.mode, Mode::Exact);
+    let rec = exact
+        .trace
+        .as_ref()
+        .and_then(|t| t.exact.as_ref())
+        .expect("an exact run records its fates");
+    // Every cell has a fate, live and final alike, and the drafts were tested.
+    assert!(exact.fate_of.iter().all(Option::is_some));
+    let (ok, tested) = exact.drafts().expect("drafts");
+    assert!(tested > 0 && ok <= tested);
+    assert_eq!(
+        rec.fate_of
+            .iter()
+            .filter(|f| **f != zipar_studio::decode::exact::Fate::Plain)
+            .count(),
+        tested,
+        "each draft is tested once, and each tested draft is an accepted or a residual cell"
+    );
+    assert!(exact.passes() < 30, "drafts saved passes on the 5x6 grid");
+    // Both runs have NTP's law: two lossless badges, no lossy one.
+    assert_eq!(h.query_all_by_label("lossless").count(), 2);
+    assert!(h.query_by_label("lossy").is_none());
+    // The fate legend counts the exact run's cells, and says NTP has none.
+    assert!(h.query_by_label_contains("accepted draft ").is_some());
+    assert!(
+        h.query_by_label("fates exist in the exact mode only")
+            .is_some()
+    );
+    let summary = format!("{ok} of {tested} accepted");
+    assert!(
+        h.query_by_label_contains(&summary).is_some(),
+        "the stats table shows {summary}"
+    );
+}

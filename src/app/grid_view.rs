@@ -6,6 +6,33 @@ use egui::{Color32, Rect, Sense, Stroke, TextureHandle, Vec2, pos2, vec2};
 use super::run_view::RunView;
 use super::settings::ViewMode;
 use crate::colormap;
+use crate::decode::exact::Fate;
+
+/// Colours of the fate map.
+const FATES: [(Fate, Color32, &str); 3] = [
+    (
+        Fate::Accepted,
+        Color32::from_rgb(70, 175, 95),
+        "accepted draft",
+    ),
+    (
+        Fate::Residual,
+        Color32::from_rgb(215, 65, 60),
+        "residual after a rejection",
+    ),
+    (
+        Fate::Plain,
+        Color32::from_rgb(105, 115, 135),
+        "plain sample",
+    ),
+];
+
+fn fate_color(f: Fate) -> Color32 {
+    FATES
+        .iter()
+        .find(|(g, _, _)| *g == f)
+        .map_or(Color32::GRAY, |(_, c, _)| *c)
+}
 
 fn color(c: [u8; 3]) -> Color32 {
     Color32::from_rgb(c[0], c[1], c[2])
@@ -55,6 +82,7 @@ fn cell_color(run: &RunView, mode: ViewMode, i: usize) -> Option<Color32> {
             let max_rej = run.rejections.iter().copied().max().unwrap_or(0).max(1) as f32;
             color(colormap::scaled(run.rejections[i] as f32, 0.0, max_rej))
         }
+        ViewMode::Fate => fate_color(run.fate_of.get(i).copied().flatten()?),
     })
 }
 
@@ -149,6 +177,7 @@ pub fn grid_ui(
                         ui.label(format!("window {}", run.window_of[i].unwrap_or(w)));
                         ui.label(format!("rejections {}", run.rejections[i]));
                         ui.label(format!("probability {:.3}", run.probs[i]));
+                        exact_cell_ui(ui, run, i);
                     }
                     _ => {
                         ui.label("not generated yet");
@@ -159,8 +188,39 @@ pub fn grid_ui(
     }
 }
 
+/// The exact mode's story of one cell: its fate, when its draft was drawn and its test.
+fn exact_cell_ui(ui: &mut egui::Ui, run: &RunView, i: usize) {
+    let Some(fate) = run.fate_of.get(i).copied().flatten() else {
+        return;
+    };
+    let rec = run.trace.as_ref().and_then(|t| t.exact.as_ref());
+    let draft = rec.and_then(|r| r.draft_pass_of[i]);
+    let accept = rec.and_then(|r| r.accept_prob_of[i]);
+    let final_pass = run.pass_of[i].unwrap_or(0);
+    ui.colored_label(
+        fate_color(fate),
+        match (fate, draft) {
+            (Fate::Accepted, Some(d)) => {
+                format!("accepted draft: drawn in pass {d}, final in pass {final_pass}")
+            }
+            (Fate::Accepted, None) => format!("accepted draft, final in pass {final_pass}"),
+            (Fate::Residual, _) => {
+                format!("draft rejected in pass {final_pass}; residual sample")
+            }
+            (Fate::Plain, _) => format!("plain sample in pass {final_pass} (no draft)"),
+        },
+    );
+    if let Some(a) = accept {
+        ui.label(format!("acceptance probability min(1, p/q) = {a:.3}"));
+    }
+}
+
 /// A colour bar with its range, for the pass and window maps.
 pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
+    if mode == ViewMode::Fate {
+        fate_legend_ui(ui, run);
+        return;
+    }
     let (lo, hi, what) = match mode {
         ViewMode::PassMap | ViewMode::Overlay => (
             0,
@@ -183,7 +243,7 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
             run.max_passes_ahead().max(1),
             "passes ahead of next-token decoding",
         ),
-        ViewMode::Image => return,
+        ViewMode::Image | ViewMode::Fate => return,
     };
     // wraps within the lane: the lanes keep their width whatever the legend says
     ui.horizontal_wrapped(|ui| {
@@ -199,6 +259,82 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
         }
         ui.label(hi.to_string());
         ui.weak(what);
+    });
+}
+
+/// The fate map's swatches with the count of each fate.
+fn fate_legend_ui(ui: &mut egui::Ui, run: &RunView) {
+    ui.horizontal_wrapped(|ui| {
+        if !run.fate_of.iter().any(Option::is_some) {
+            ui.weak("fates exist in the exact mode only");
+            return;
+        }
+        for (fate, c, name) in FATES {
+            let n = run.fate_of.iter().filter(|f| **f == Some(fate)).count();
+            let (rect, _) = ui.allocate_exact_size(vec2(12.0, 12.0), Sense::hover());
+            ui.painter().rect_filled(rect, 2.0, c);
+            ui.label(format!("{name} {n}"));
+        }
+    });
+}
+
+/// Exact mode, finished: the share of tested drafts accepted in each row, and how many drafts
+/// each pass accepted (its accepted run), with the replay position.
+pub fn exact_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: f32) {
+    use egui_plot::{Bar, BarChart, Plot, VLine};
+    let Some(rec) = run.trace.as_ref().and_then(|t| t.exact.as_ref()) else {
+        return;
+    };
+    let (h, w) = run.grid;
+    let green = FATES[0].1;
+    let plot = |id: &str, x: &str, y: &str, n: usize| {
+        Plot::new((id.to_string(), run.job))
+            .width(width)
+            .height(64.0)
+            .allow_zoom(false)
+            .allow_drag(false)
+            .allow_scroll(false)
+            .allow_boxed_zoom(false)
+            .include_x(0.0)
+            .include_x(n as f64)
+            .include_y(0.0)
+            .x_axis_label(x.to_string())
+            .y_axis_label(y.to_string())
+            .y_axis_min_width(28.0)
+    };
+    plot("accept_by_row", "row", "accepted", h)
+        .include_y(1.0)
+        .show(ui, |p| {
+            let bars = (0..h)
+                .filter_map(|r| {
+                    let tested = (0..w).filter(|&c| rec.accept_prob_of[r * w + c].is_some());
+                    let n = tested.clone().count();
+                    let ok = tested
+                        .filter(|&c| rec.fate_of[r * w + c] == Fate::Accepted)
+                        .count();
+                    (n > 0).then(|| {
+                        Bar::new(r as f64, ok as f64 / n as f64)
+                            .width(0.8)
+                            .name(format!("row {r}: {ok} of {n} drafts accepted"))
+                            .fill(green)
+                    })
+                })
+                .collect();
+            p.bar_chart(BarChart::new("acceptance per row", bars).color(green));
+        });
+    let n = rec.accepted_per_pass.len();
+    plot("accepted_per_pass", "pass", "run", n).show(ui, |p| {
+        let bars = rec
+            .accepted_per_pass
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k > 0)
+            .map(|(i, &k)| Bar::new(i as f64, k as f64).width(1.0).fill(green))
+            .collect();
+        p.bar_chart(BarChart::new("drafts accepted per pass", bars).color(green));
+        if let Some(x) = at {
+            p.vline(VLine::new("replay", x as f64).color(Color32::from_rgb(255, 80, 200)));
+        }
     });
 }
 

@@ -805,9 +805,11 @@ impl StudioApp {
         let view = self.settings.view;
         let n = self.lanes.len() as f32;
         let avail = ui.available_width();
-        // room for the header rows, the legend and the two plots under each grid
+        // room for the header rows, the legend and the plots under each grid
+        let exact = self.lanes.iter().any(|l| l.run.params.mode == Mode::Exact);
+        let plots = if exact { 450.0 } else { 300.0 };
         let side = ((avail - 16.0 * n) / n)
-            .min(height - 300.0)
+            .min(height - plots)
             .clamp(160.0, 520.0);
         let shown = self.player.shown();
         let longest = self.player.longest();
@@ -816,11 +818,15 @@ impl StudioApp {
                 ui.vertical(|ui| {
                     ui.set_width(side);
                     let run = &lane.run;
-                    ui.strong(format!("{} — {}", run.label, status_text(&run.status)));
+                    ui.horizontal(|ui| {
+                        ui.strong(format!("{} — {}", run.label, status_text(&run.status)));
+                        badge_ui(ui, run);
+                    });
                     let (upto, front) = lane_view(run, replaying, shown, longest);
                     grid_view::grid_ui(ui, run, view, lane.texture.as_ref(), upto, front, side);
                     grid_view::legend_ui(ui, view, run);
                     grid_view::pass_plot_ui(ui, run, front, side);
+                    grid_view::exact_plot_ui(ui, run, front, side);
                 });
             }
         });
@@ -953,6 +959,30 @@ fn lane_view(
     }
 }
 
+/// "lossless" for a run whose output has NTP's law, "lossy" for ZipAR's.
+fn badge_ui(ui: &mut egui::Ui, run: &RunView) {
+    let (text, fill, hover) = if run.is_lossless() {
+        (
+            "lossless",
+            egui::Color32::from_rgb(40, 130, 70),
+            "the image has exactly the law of next-token decoding",
+        )
+    } else {
+        (
+            "lossy",
+            egui::Color32::from_rgb(150, 110, 40),
+            "tokens drawn with part of their context: the law differs from next-token decoding",
+        )
+    };
+    ui.label(
+        RichText::new(text)
+            .small()
+            .color(egui::Color32::WHITE)
+            .background_color(fill),
+    )
+    .on_hover_text(hover);
+}
+
 /// The runs on screen side by side (egui_extras table): passes, decode and wall time,
 /// throughput, and the speed-up over the NTP run of a Compare pair.
 fn stats_table_ui<'a>(ui: &mut egui::Ui, runs: impl Iterator<Item = &'a RunView>) {
@@ -967,9 +997,11 @@ fn stats_table_ui<'a>(ui: &mut egui::Ui, runs: impl Iterator<Item = &'a RunView>
         .striped(true)
         .column(Column::auto().at_least(110.0))
         .column(Column::auto().at_least(190.0))
-        .columns(Column::auto().at_least(80.0), 4)
+        .columns(Column::auto().at_least(80.0), 5)
         .header(18.0, |mut row| {
-            for title in ["run", "passes", "decode", "wall", "tokens/s", "vs NTP"] {
+            for title in [
+                "run", "passes", "decode", "wall", "tokens/s", "vs NTP", "drafts",
+            ] {
                 row.col(|ui| {
                     ui.strong(title);
                 });
@@ -1014,6 +1046,21 @@ fn stats_table_ui<'a>(ui: &mut egui::Ui, runs: impl Iterator<Item = &'a RunView>
                         Some(t) if run.status == RunStatus::Done && run.decode_ms() > 0.0 => {
                             ui.label(format!("{:.2}x", t / run.decode_ms()))
                                 .on_hover_text("decode-time speed-up over the NTP run");
+                        }
+                        _ => {
+                            ui.weak("–");
+                        }
+                    });
+                    row.col(|ui| match run.drafts() {
+                        Some((ok, n)) if n > 0 => {
+                            ui.label(format!(
+                                "{ok} of {n} accepted ({:.0}%)",
+                                100.0 * ok as f64 / n as f64
+                            ))
+                            .on_hover_text(
+                                "exact mode: drafts that passed their test against the \
+                                 full-context distribution",
+                            );
                         }
                         _ => {
                             ui.weak("–");

@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::decode::{DecodeTrace, GenerateParams, PassReport};
+use crate::decode::exact::Fate;
+use crate::decode::{DecodeTrace, GenerateParams, Mode, PassReport};
 use crate::model::RgbImage;
 use crate::model::palette::CodePalette;
 use crate::worker::JobId;
@@ -45,6 +46,8 @@ pub struct RunView {
     pub rejections: Vec<u32>,
     /// Probability of each sampled token.
     pub probs: Vec<f32>,
+    /// Exact mode: how each cell became final.
+    pub fate_of: Vec<Option<Fate>>,
     /// Time of each pass (ms).
     pub pass_ms: Vec<f64>,
     /// Tokens produced by each pass.
@@ -79,6 +82,7 @@ impl RunView {
             window_of: Vec::new(),
             rejections: Vec::new(),
             probs: Vec::new(),
+            fate_of: Vec::new(),
             pass_ms: Vec::new(),
             tokens_per_pass: Vec::new(),
             started: None,
@@ -143,6 +147,7 @@ impl RunView {
         self.window_of = vec![None; n];
         self.rejections = vec![0; n];
         self.probs = vec![0.0; n];
+        self.fate_of = vec![None; n];
         self.started = Some(Instant::now());
         self.status = RunStatus::Running;
     }
@@ -153,11 +158,12 @@ impl RunView {
         if h * w == 0 {
             return;
         }
-        for &(cell, token, prob) in &r.produced {
+        for (k, &(cell, token, prob)) in r.produced.iter().enumerate() {
             let i = cell.row * w + cell.col;
             if i >= self.tokens.len() {
                 continue;
             }
+            self.fate_of[i] = r.fates.get(k).copied();
             self.tokens[i] = Some(token);
             self.pass_of[i] = Some(r.index);
             self.probs[i] = prob;
@@ -198,6 +204,10 @@ impl RunView {
         self.window_of = trace.window_of.iter().map(|&x| Some(x)).collect();
         self.rejections = trace.rejections_of.clone();
         self.probs = trace.prob_of.clone();
+        self.fate_of = match &trace.exact {
+            Some(rec) => rec.fate_of.iter().map(|&f| Some(f)).collect(),
+            None => vec![None; trace.tokens.len()],
+        };
         self.pass_ms = trace.pass_ms.clone();
         self.tokens_per_pass = trace.tokens_per_pass.clone();
         if let Some(s) = self.started {
@@ -208,6 +218,20 @@ impl RunView {
         self.preview = None;
         self.image_version += 1;
         self.status = RunStatus::Done;
+    }
+
+    /// Whether the run's output has NTP's law (NTP itself, or the exact mode).
+    pub fn is_lossless(&self) -> bool {
+        matches!(self.params.mode, Mode::Ntp | Mode::Exact)
+    }
+
+    /// Exact mode, finished: (accepted, tested) drafts.
+    pub fn drafts(&self) -> Option<(usize, usize)> {
+        let rec = self.trace.as_ref()?.exact.as_ref()?;
+        Some((
+            rec.accepted_per_pass.iter().sum(),
+            rec.tested_per_pass.iter().sum(),
+        ))
     }
 
     /// Decoding time of the passes (ms).

@@ -23,17 +23,20 @@ pub enum ViewMode {
     Parallelism,
     /// Cells coloured by how many passes earlier than next-token decoding they were produced.
     Ahead,
+    /// Exact mode: accepted draft, residual sample after a rejection, or plain sample.
+    Fate,
 }
 
 impl ViewMode {
     /// All modes, in menu order.
-    pub const ALL: [ViewMode; 7] = [
+    pub const ALL: [ViewMode; 8] = [
         ViewMode::Image,
         ViewMode::PassMap,
         ViewMode::Parallelism,
         ViewMode::Ahead,
         ViewMode::WindowMap,
         ViewMode::Rejections,
+        ViewMode::Fate,
         ViewMode::Overlay,
     ];
 
@@ -47,6 +50,7 @@ impl ViewMode {
             ViewMode::Overlay => "Overlay",
             ViewMode::Parallelism => "Parallelism",
             ViewMode::Ahead => "Ahead of NTP",
+            ViewMode::Fate => "Fates",
         }
     }
 
@@ -61,13 +65,18 @@ impl ViewMode {
             ViewMode::WindowMap => {
                 "how many tokens of the row above were written when the cell's row started"
             }
-            ViewMode::Rejections => "adaptive mode: drafts rejected at each cell",
+            ViewMode::Rejections => "adaptive and exact modes: drafts rejected at each cell",
             ViewMode::Overlay => "the pass map over the image",
             ViewMode::Parallelism => {
                 "how many tokens the cell's pass produced: rows that advanced together share a colour"
             }
             ViewMode::Ahead => {
                 "how many passes earlier than next-token decoding the cell was produced"
+            }
+            ViewMode::Fate => {
+                "exact mode: green, a draft that passed its test against the full-context \
+                 distribution; red, a residual sample after a rejected draft; grey, a plain \
+                 sample (no draft)"
             }
         }
     }

@@ -53,6 +53,9 @@ pub struct PassReport {
     pub produced: Vec<(Cell, u32, f32)>,
     /// Inputs fed.
     pub inputs: usize,
+    /// Exact mode: how each produced cell became final (same order as `produced`); empty in
+    /// the other modes.
+    pub fates: Vec<super::exact::Fate>,
     /// Wall time of the pass (model call plus sampling).
     pub elapsed: Duration,
 }
@@ -232,6 +235,7 @@ fn generate_adaptive(
         total,
         produced: vec![(Cell::new(0, 0), first.token, first.prob)],
         inputs: 1,
+        fates: Vec::new(),
         elapsed: t0.elapsed(),
     };
     finish_pass(&mut trace, sink, report, planner.is_done())?;
@@ -296,6 +300,7 @@ fn generate_adaptive(
             total,
             produced,
             inputs: feeds.len(),
+            fates: Vec::new(),
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, planner.is_done())?;
@@ -374,6 +379,7 @@ fn generate_fixed(
             total,
             produced,
             inputs: pass.feeds.len(),
+            fates: Vec::new(),
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, index + 1 == total)?;

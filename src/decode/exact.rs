@@ -334,6 +334,7 @@ pub fn generate_with(
         total,
         produced: vec![(Cell::new(0, 0), first.token, first.prob)],
         inputs: 1,
+        fates: vec![Fate::Plain],
         elapsed: t0.elapsed(),
     };
     finish_pass(&mut trace, sink, report, st.fin == seq.len)?;
@@ -554,11 +555,16 @@ pub fn generate_with(
         rec.accepted_per_pass.push(accepted);
         rec.rejected_per_pass
             .push(usize::from(rejected_at.is_some()));
+        let fates = produced
+            .iter()
+            .map(|(c, _, _)| rec.fate_of[idx(*c)])
+            .collect();
         let report = PassReport {
             index,
             total,
             produced,
             inputs: inputs.len(),
+            fates,
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, st.fin == seq.len)?;
