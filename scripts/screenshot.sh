@@ -4,7 +4,8 @@
 #   docs/screenshot.png  the pair paused mid-replay (pass 52) in the pass map: the outlined
 #                        front is one cell in NTP and a diagonal across rows in ZipAR;
 #   docs/race.png        the race as a strip: the Image view at passes 16, 40, 64, 88, 160
-#                        and 256 (NTP above, ZipAR below), both advancing at one pass rate.
+#                        and 256 (NTP above, ZipAR below), both advancing at one pass rate;
+#   docs/exact.png       NTP and the exact mode in the fate map (accepted / residual / plain).
 # ZipAR runs with the model's recommended window (config.json "defaults"), as the app does.
 # Needs Xvfb, xdotool and ImageMagick (`import`, `convert`).
 #   bash scripts/screenshot.sh [zipar-studio binary] [out dir]
@@ -60,4 +61,12 @@ done
 convert -size 90x440 xc:'#1b1b1b' -fill white -pointsize 15 -gravity west \
   -annotate +8-90 "NTP" -annotate +8+116 "ZipAR-$window" "$tmp/side.png"
 convert "$tmp/side.png" "${frames[@]}" +append "$out/race.png"
-echo "wrote $out/screenshot.png and $out/race.png"
+# The exact mode beside NTP, in the fate map.
+click 254 195    # Mode: Exact
+click 866 75     # Fates view
+click 511 16 14  # Compare
+xdotool mousemove 1200 40
+sleep 1
+import -window root "$tmp/full.png"
+convert "$tmp/full.png" -crop 1180x760+0+0 +repage "$out/exact.png"
+echo "wrote $out/screenshot.png, $out/race.png and $out/exact.png"

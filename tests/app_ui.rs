@@ -423,7 +423,7 @@ fn an_exact_compare_shows_fates_badges_and_draft_acceptance() {
     assert_eq!(h.query_all_by_label("lossless").count(), 2);
     assert!(h.query_by_label("lossy").is_none());
     // The fate legend counts the exact run's cells, and says NTP has none.
-    assert!(h.query_by_label_contains("accepted draft ").is_some());
+    assert!(h.query_by_label_contains("accepted ").is_some());
     assert!(
         h.query_by_label("fates exist in the exact mode only")
             .is_some()

@@ -273,7 +273,11 @@ fn fate_legend_ui(ui: &mut egui::Ui, run: &RunView) {
             let n = run.fate_of.iter().filter(|f| **f == Some(fate)).count();
             let (rect, _) = ui.allocate_exact_size(vec2(12.0, 12.0), Sense::hover());
             ui.painter().rect_filled(rect, 2.0, c);
-            ui.label(format!("{name} {n}"));
+            ui.label(format!("{name} {n}")).on_hover_text(match fate {
+                Fate::Accepted => "drafts that passed their test against the full context",
+                Fate::Residual => "drawn from norm(max(0, p - q)) after a rejected draft",
+                Fate::Plain => "sampled from the full-context p: no draft was waiting",
+            });
         }
     });
 }
