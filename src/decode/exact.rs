@@ -106,6 +106,29 @@ pub struct ExactOptions {
     pub flaws: Flaws,
 }
 
+impl ExactOptions {
+    /// Fewer inputs per pass, a few more passes: at most two kept drafts re-fed per pass and
+    /// one row drafting ahead of the first incomplete row. The better trade where each input
+    /// costs arithmetic (a CPU; measured in the README, "ZipAR-exact").
+    pub fn lean() -> Self {
+        Self {
+            max_tail: 2,
+            rows_ahead: Some(1),
+            ..Self::default()
+        }
+    }
+
+    /// The policy for a model: the default (fewest passes) where wide passes are cheap, else
+    /// [`ExactOptions::lean`].
+    pub fn for_model(model: &dyn ImageArModel) -> Self {
+        if model.wide_passes_are_cheap() {
+            Self::default()
+        } else {
+            Self::lean()
+        }
+    }
+}
+
 /// The default policy has the fewest passes on the built-in model (README, "ZipAR-exact"):
 /// coupled refresh, every kept draft re-fed, ZipAR's staircase of rows.
 impl Default for ExactOptions {
@@ -258,14 +281,16 @@ struct Target {
     input: usize,
 }
 
-/// Generates one image in the exact mode with the default policy.
+/// Generates one image in the exact mode with the model's policy
+/// ([`ExactOptions::for_model`]).
 pub fn generate(
     model: &mut dyn ImageArModel,
     cond: &Condition,
     params: &GenerateParams,
     sink: &mut dyn FnMut(&PassReport) -> Flow,
 ) -> Result<super::DecodeTrace, EngineError> {
-    generate_with(model, cond, params, ExactOptions::default(), sink)
+    let options = ExactOptions::for_model(model);
+    generate_with(model, cond, params, options, sink)
 }
 
 /// Generates one image in the exact mode (`params.window` is ZipAR's window).

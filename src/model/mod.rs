@@ -77,6 +77,12 @@ pub trait ImageArModel: Send {
     fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits>;
     /// One forward pass over several inputs at once; attention is causal over slots.
     fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits>;
+    /// Whether a pass with many inputs costs about as much as a one-input pass (a GPU, where
+    /// passes are memory-bound). On a CPU each input adds arithmetic, and the exact mode then
+    /// feeds fewer inputs per pass at the price of a few more passes.
+    fn wide_passes_are_cheap(&self) -> bool {
+        true
+    }
     /// The end-of-row token, for models whose layout has one.
     fn separator_token(&self) -> Option<u32> {
         None

@@ -223,7 +223,12 @@ impl Gpt {
         &self.cfg
     }
 
-    /// Token grid.
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token grid (rows, columns).
     pub fn grid(&self) -> (usize, usize) {
         self.grid
     }

@@ -152,6 +152,10 @@ impl ImageArModel for LlamaGen {
         self.gpt.step(inputs)
     }
 
+    fn wide_passes_are_cheap(&self) -> bool {
+        !self.gpt.device().is_cpu()
+    }
+
     fn image_decoder(&self) -> Arc<dyn ImageDecoder> {
         Arc::new(GridDecoder {
             vq: self.vq.clone(),
