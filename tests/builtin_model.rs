@@ -141,3 +141,51 @@ fn builtin_classifier_scores_a_generated_image() {
         "the file records its held-out accuracy"
     );
 }
+
+/// Greedy exact decoding is greedy NTP token for token on the built-in model (a draft is kept
+/// only when it is the full-context argmax), in fewer passes: the reference's NTP cases,
+/// decoded in the exact mode at windows 4 and 8, give the reference's tokens.
+#[test]
+fn greedy_exact_decoding_gives_the_reference_ntp_tokens() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builtin_greedy.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    let mut model = LlamaGen::load(&zipar_studio::default_model_dir(), &Device::Cpu)
+        .expect("built-in model loads");
+    let mut checked = 0;
+    for case in reference["cases"].as_array().expect("cases") {
+        if !case["window"].is_null() {
+            continue;
+        }
+        let want: Vec<u32> = case["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.as_u64().expect("token") as u32)
+            .collect();
+        for window in [4, 8] {
+            let params = GenerateParams {
+                mode: Mode::Exact,
+                window,
+                cfg_scale: case["cfg"].as_f64().expect("cfg") as f32,
+                sampling: Sampling::Greedy,
+                seed: 0,
+                mask_unwritten: case["mask_unwritten"].as_bool().expect("mask"),
+            };
+            let class = case["class"].as_u64().expect("class") as u32;
+            let trace = generate(&mut model, &Condition::Class(class), &params, &mut |_| {
+                Flow::Continue
+            })
+            .expect("generates");
+            assert_eq!(trace.tokens, want, "class {class}, window {window}");
+            assert!(
+                trace.passes < want.len(),
+                "window {window}: {} passes",
+                trace.passes
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "the fixture has NTP cases");
+}
