@@ -65,6 +65,7 @@ convert "$tmp/side.png" "${frames[@]}" +append "$out/race.png"
 click 254 195    # Mode: Exact
 click 866 75     # Fates view
 click 511 16 14  # Compare
+xdotool mousemove 900 500 click 5 click 5 click 5  # scroll down to the stats table
 xdotool mousemove 1200 40
 sleep 1
 import -window root "$tmp/full.png"

@@ -423,7 +423,13 @@ fn an_exact_compare_shows_fates_badges_and_draft_acceptance() {
     assert_eq!(h.query_all_by_label("lossless").count(), 2);
     assert!(h.query_by_label("lossy").is_none());
     // The fate legend counts the exact run's cells, and says NTP has none.
-    assert!(h.query_by_label_contains("accepted ").is_some());
+    let accepted = exact
+        .fate_of
+        .iter()
+        .filter(|f| **f == Some(zipar_studio::decode::exact::Fate::Accepted))
+        .count();
+    assert_eq!(accepted, ok);
+    assert!(h.query_by_label(&format!("accepted {accepted}")).is_some());
     assert!(
         h.query_by_label("fates exist in the exact mode only")
             .is_some()

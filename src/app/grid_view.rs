@@ -10,21 +10,9 @@ use crate::decode::exact::Fate;
 
 /// Colours of the fate map.
 const FATES: [(Fate, Color32, &str); 3] = [
-    (
-        Fate::Accepted,
-        Color32::from_rgb(70, 175, 95),
-        "accepted draft",
-    ),
-    (
-        Fate::Residual,
-        Color32::from_rgb(215, 65, 60),
-        "residual after a rejection",
-    ),
-    (
-        Fate::Plain,
-        Color32::from_rgb(105, 115, 135),
-        "plain sample",
-    ),
+    (Fate::Accepted, Color32::from_rgb(70, 175, 95), "accepted"),
+    (Fate::Residual, Color32::from_rgb(215, 65, 60), "residual"),
+    (Fate::Plain, Color32::from_rgb(105, 115, 135), "plain"),
 ];
 
 fn fate_color(f: Fate) -> Color32 {
