@@ -38,8 +38,38 @@ pub enum Command {
     /// Would ZipAR's drafts pass an exact test? Teacher-forces NTP samples through the ZipAR
     /// schedules and reports the mean acceptance a = sum min(p, q) per window, row and column.
     Acceptance(AcceptanceArgs),
+    /// Does the attention justify ZipAR? Captures the attention of teacher-forced NTP samples
+    /// and reports the paper's Figure 3 (same column above vs previous token) and Figure 5
+    /// (the window each token needs to keep 95% of its attention).
+    Locality(LocalityArgs),
     /// Open the app (the default when no command is given).
     App(AppArgs),
+}
+
+/// `locality` flags.
+#[derive(Debug, Args)]
+pub struct LocalityArgs {
+    /// Model folder; the built-in model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Class ids (comma separated); default: 16 classes spread over the model's range.
+    #[arg(long, value_delimiter = ',')]
+    pub class: Vec<u32>,
+    /// NTP samples (seeds 0..N) per class.
+    #[arg(long, default_value_t = 1)]
+    pub samples: u64,
+    /// Share of a token's attention its window must keep (the needed window's threshold).
+    #[arg(long, default_value_t = 0.95)]
+    pub threshold: f32,
+    /// Classifier-free guidance scale; default: the model's.
+    #[arg(long)]
+    pub cfg: Option<f32>,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Write summary.json, needed_windows.png and attention_offsets.png into this folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// `acceptance` flags.
@@ -433,6 +463,72 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `locality`.
+pub fn run_locality(args: &LocalityArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.threshold > 0.0 && args.threshold <= 1.0,
+        "--threshold must be in (0, 1], got {}",
+        args.threshold
+    );
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        export::check_writable(&dir.join("summary.json"))?;
+    }
+    let device = weights::parse_device(&args.device)?;
+    let mut model = load_model(args.model.as_deref(), &device)?;
+    let n = model.manifest.gpt.num_classes.max(1) as u32;
+    let classes: Vec<u32> = if args.class.is_empty() {
+        spread_classes(n, 16)
+    } else {
+        args.class.clone()
+    };
+    let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
+    let base = base_params(&model, args.cfg, false)?;
+    let bar = indicatif::ProgressBar::new(conds.len() as u64 * args.samples.max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} NTP samples, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let summary = crate::locality::measure(
+        &mut model,
+        &conds,
+        base,
+        args.samples.max(1),
+        args.threshold,
+        &mut || bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "{} NTP samples ({} classes x {} seeds), {}, cfg {}; attention averaged over heads and layers",
+        conds.len() as u64 * args.samples.max(1),
+        conds.len(),
+        args.samples.max(1),
+        base.sampling,
+        base.cfg_scale
+    );
+    print!("{}", crate::locality::table(&summary));
+    if let Some(dir) = &args.out {
+        std::fs::write(
+            dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?,
+        )
+        .with_context(|| format!("cannot write {}", dir.join("summary.json").display()))?;
+        export::write_png(
+            &crate::locality::histogram_image(&summary),
+            &dir.join("needed_windows.png"),
+        )?;
+        export::write_png(
+            &crate::locality::heatmap_image(&summary, 16),
+            &dir.join("attention_offsets.png"),
+        )?;
+        println!(
+            "wrote summary.json, needed_windows.png, attention_offsets.png in {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `acceptance`.
 pub fn run_acceptance(args: &AcceptanceArgs) -> anyhow::Result<()> {
     if let Some(j) = &args.json {
@@ -582,5 +678,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         Some(Command::Bench(a)) => run_bench(a).context("bench failed"),
         Some(Command::Eval(a)) => run_eval(a).context("eval failed"),
         Some(Command::Acceptance(a)) => run_acceptance(a).context("acceptance failed"),
+        Some(Command::Locality(a)) => run_locality(a).context("locality failed"),
     }
 }

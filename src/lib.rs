@@ -12,6 +12,7 @@ pub mod colormap;
 pub mod decode;
 pub mod eval;
 pub mod export;
+pub mod locality;
 pub mod model;
 pub mod prompt;
 pub mod weights;

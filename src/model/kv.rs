@@ -94,6 +94,11 @@ impl LayerKv {
         self.v.scatter_set(&index.v, &v.contiguous()?, 2)
     }
 
+    /// The key layout.
+    pub fn layout(&self) -> KeyLayout {
+        self.layout
+    }
+
     /// The whole K and V buffers.
     pub fn buffers(&self) -> (&Tensor, &Tensor) {
         (&self.k, &self.v)

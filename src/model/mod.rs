@@ -44,6 +44,22 @@ pub struct PassLogits {
     pub uncond: Option<Vec<Vec<f32>>>,
 }
 
+/// Attention probabilities of one pass, recorded when capture is on (the conditional half of
+/// a CFG batch).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PassAttention {
+    /// Slot of each input (the condition's slots come first, then the image positions).
+    pub slots: Vec<usize>,
+    /// Number of condition slots before the image region.
+    pub cond_len: usize,
+    /// Per layer, per input: the mean over heads of the probabilities over slots `0..len`.
+    pub mean: Vec<Vec<Vec<f32>>>,
+    /// The layer whose heads are kept one by one in `heads`.
+    pub head_layer: usize,
+    /// Per head of `head_layer`, per input, over slots `0..len`.
+    pub heads: Vec<Vec<Vec<f32>>>,
+}
+
 /// An RGB image, 8 bits per channel, row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
@@ -82,6 +98,16 @@ pub trait ImageArModel: Send {
     /// feeds fewer inputs per pass at the price of a few more passes.
     fn wide_passes_are_cheap(&self) -> bool {
         true
+    }
+    /// Starts (`Some(layer)`: that layer's heads are kept one by one) or stops recording the
+    /// attention probabilities of every pass. Off, it costs nothing. Returns whether the model
+    /// can record them.
+    fn set_attention_capture(&mut self, _head_layer: Option<usize>) -> bool {
+        false
+    }
+    /// The attention of the last pass, when capture is on.
+    fn take_attention(&mut self) -> Option<PassAttention> {
+        None
     }
     /// The end-of-row token, for models whose layout has one.
     fn separator_token(&self) -> Option<u32> {

@@ -11,7 +11,7 @@ use super::rope2d::{self, Rope2d};
 use crate::model::cpu_kernels;
 use crate::model::dense::Dense;
 use crate::model::kv::{KeyLayout, LayerKv, SlotIndex};
-use crate::model::{Condition, ModelInput, PassLogits, RunOptions};
+use crate::model::{Condition, ModelInput, PassAttention, PassLogits, RunOptions};
 
 #[derive(Debug)]
 struct Attention {
@@ -52,8 +52,11 @@ struct PassCtx {
     slots: Vec<usize>,
     /// 0 for slots a query may attend to at all, `-inf` for never-written ones when masked.
     bias: Vec<f32>,
-    /// Additive `[k, len]` mask for candle's attention; `None` on the CPU fast path.
+    /// Additive `[k, len]` mask for candle's attention; `None` on the CPU fast path unless
+    /// attention is captured.
     mask: Option<Tensor>,
+    /// Whether the pass returns its attention probabilities.
+    capture: bool,
 }
 
 /// The key layout of the cache: transposed for the CPU attention kernel of [`cpu_kernels`]
@@ -68,7 +71,14 @@ fn key_layout(dev: &Device, dtype: DType) -> KeyLayout {
 
 impl Attention {
     /// `x: [B * k, dim]` (rows of both CFG halves stacked): 2D projections are one GEMM each.
-    fn forward(&self, x: &Tensor, b: usize, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
+    /// With `ctx.capture`, also the attention probabilities `[B, H, k, len]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        b: usize,
+        ctx: &PassCtx,
+        kv: &mut LayerKv,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (rows, dim) = x.dims2()?;
         let k = rows / b;
         let qkv = self.wqkv.forward(x)?;
@@ -81,7 +91,7 @@ impl Attention {
         let key = rope2d::apply(&split(1)?, &ctx.cos, &ctx.sin)?;
         let value = split(2)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let Some(mask) = &ctx.mask else {
+        if kv.layout() == KeyLayout::Transposed {
             kv.write(&ctx.index, &key, &value)?;
             let (keys, values) = kv.buffers();
             let op = cpu_kernels::SlotAttention {
@@ -90,8 +100,21 @@ impl Attention {
                 len: ctx.len,
                 scale: scale as f32,
             };
-            let out = q.contiguous()?.apply_op3_no_bwd(keys, values, &op)?;
-            return self.wo.forward(&out.reshape((b * k, dim))?);
+            let q = q.contiguous()?;
+            let out = q.apply_op3_no_bwd(keys, values, &op)?;
+            // Capture recomputes the probabilities with candle's ops (keys are [B, H, D, S]).
+            let probs = match (&ctx.mask, ctx.capture) {
+                (Some(mask), true) => {
+                    let kt = keys.narrow(3, 0, ctx.len)?.contiguous()?;
+                    let att = (q.matmul(&kt)? * scale)?.broadcast_add(mask)?;
+                    Some(candle_nn::ops::softmax_last_dim(&att)?)
+                }
+                _ => None,
+            };
+            return Ok((self.wo.forward(&out.reshape((b * k, dim))?)?, probs));
+        }
+        let Some(mask) = &ctx.mask else {
+            candle_core::bail!("the slot-major attention needs a mask");
         };
         let (keys, values) = kv.write_and_view(&ctx.index, &key, &value, ctx.len)?;
         let att = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&mask.to_dtype(q.dtype())?)?;
@@ -100,7 +123,8 @@ impl Attention {
             .matmul(&values)?
             .transpose(1, 2)?
             .reshape((b * k, dim))?;
-        self.wo.forward(&out)
+        let probs = ctx.capture.then(|| att.clone());
+        Ok((self.wo.forward(&out)?, probs))
     }
 }
 
@@ -127,12 +151,19 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, b: usize, ctx: &PassCtx, kv: &mut LayerKv) -> Result<Tensor> {
-        let attn = self
+    fn forward(
+        &self,
+        x: &Tensor,
+        b: usize,
+        ctx: &PassCtx,
+        kv: &mut LayerKv,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (attn, probs) = self
             .attention
             .forward(&self.attention_norm.forward(x)?, b, ctx, kv)?;
         let h = (x + attn)?;
-        &h + self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?
+        let out = (&h + self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?)?;
+        Ok((out, probs))
     }
 }
 
@@ -172,6 +203,36 @@ pub struct Gpt {
     device: Device,
     dtype: DType,
     state: Option<RunState>,
+    /// Record attention probabilities in each pass (off: nothing is computed).
+    capture: bool,
+    head_layer: usize,
+    captured: Option<PassAttention>,
+}
+
+/// The conditional half of each layer's probabilities `[B, H, k, len]`: the mean over heads
+/// per layer, and `head_layer`'s heads one by one.
+fn pass_attention(
+    probs: &[Tensor],
+    slots: &[usize],
+    cond_len: usize,
+    head_layer: usize,
+) -> Result<PassAttention> {
+    let mut mean = Vec::with_capacity(probs.len());
+    let mut heads = Vec::new();
+    for (l, p) in probs.iter().enumerate() {
+        let p = p.get(0)?.to_dtype(DType::F32)?;
+        mean.push(p.mean(0)?.to_vec2::<f32>()?);
+        if l == head_layer {
+            heads = p.to_vec3::<f32>()?;
+        }
+    }
+    Ok(PassAttention {
+        slots: slots.to_vec(),
+        cond_len,
+        mean,
+        head_layer: head_layer.min(probs.len().saturating_sub(1)),
+        heads,
+    })
 }
 
 impl Gpt {
@@ -215,12 +276,29 @@ impl Gpt {
             device: vb.device().clone(),
             dtype: vb.dtype(),
             state: None,
+            capture: false,
+            head_layer: 0,
+            captured: None,
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &GptConfig {
         &self.cfg
+    }
+
+    /// Starts or stops recording attention (see [`ImageArModel::set_attention_capture`]).
+    pub fn set_attention_capture(&mut self, head_layer: Option<usize>) {
+        self.capture = head_layer.is_some();
+        self.head_layer = head_layer
+            .unwrap_or(0)
+            .min(self.cfg.n_layer.saturating_sub(1));
+        self.captured = None;
+    }
+
+    /// The last pass's attention, when capture is on.
+    pub fn take_attention(&mut self) -> Option<PassAttention> {
+        self.captured.take()
     }
 
     /// The device the weights live on.
@@ -365,7 +443,8 @@ impl Gpt {
             })
             .collect();
         let layout = key_layout(dev, self.dtype);
-        let mask = if layout == KeyLayout::Transposed {
+        let capture = self.capture;
+        let mask = if layout == KeyLayout::Transposed && !capture {
             None
         } else {
             // Raster-causal over slots, plus the bias above.
@@ -375,7 +454,7 @@ impl Gpt {
                 .zip(bias.iter().cycle())
                 .map(|(causal, b)| causal + b)
                 .collect();
-            Some(Tensor::from_vec(mask, (slots.len(), len), dev)?)
+            Some(Tensor::from_vec(mask, (slots.len(), len), dev)?.to_dtype(self.dtype)?)
         };
         let slot_ids: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
         let slot_t = Tensor::new(slot_ids.as_slice(), dev)?;
@@ -395,6 +474,7 @@ impl Gpt {
             slots: slots.to_vec(),
             bias,
             mask,
+            capture,
         };
         let (b, k, dim) = x.dims3()?;
         let h = x.to_dtype(self.dtype)?.reshape((b * k, dim))?;
@@ -403,13 +483,24 @@ impl Gpt {
         // from this thread to the pool and back on every op.
         let layers = &self.layers;
         let kvs = &mut state.kv;
+        let mut probs = Vec::new();
         let h = dev.with_context(|| -> Result<Tensor> {
             let mut h = h;
             for (layer, kv) in layers.iter().zip(kvs.iter_mut()) {
-                h = layer.forward(&h, b, &ctx, kv)?;
+                let (out, p) = layer.forward(&h, b, &ctx, kv)?;
+                h = out;
+                probs.extend(p);
             }
             h.reshape((b, k, dim))
         })?;
+        if capture {
+            self.captured = Some(pass_attention(
+                &probs,
+                slots,
+                self.cfg.cls_token_num,
+                self.head_layer,
+            )?);
+        }
         if want.is_empty() {
             return Ok(PassLogits {
                 cond: vec![],

@@ -152,6 +152,15 @@ impl ImageArModel for LlamaGen {
         self.gpt.step(inputs)
     }
 
+    fn set_attention_capture(&mut self, head_layer: Option<usize>) -> bool {
+        self.gpt.set_attention_capture(head_layer);
+        true
+    }
+
+    fn take_attention(&mut self) -> Option<crate::model::PassAttention> {
+        self.gpt.take_attention()
+    }
+
     fn wide_passes_are_cheap(&self) -> bool {
         !self.gpt.device().is_cpu()
     }
