@@ -245,6 +245,10 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Record each token's attention (NTP and ZipAR): the trace gains `retained_mass_of`, and
+    /// for NTP `needed_window_of`.
+    #[arg(long)]
+    pub attention: bool,
 }
 
 impl GenerateArgs {
@@ -634,6 +638,13 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     crate::decode::sampling::validate_cfg(params.cfg_scale)?;
     let cond = condition_for(&model, args.class, args.prompt.as_deref())?;
     let schedule = crate::decode::engine::schedule_for(&model, params.mode, params.window)?;
+    if args.attention {
+        anyhow::ensure!(
+            matches!(params.mode, Mode::Ntp | Mode::Zipar),
+            "--attention records NTP and fixed-window ZipAR runs only"
+        );
+        model.set_attention_capture(Some(0));
+    }
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {

@@ -71,8 +71,10 @@ pub fn pass_map_image(trace: &DecodeTrace, cell: usize) -> RgbImage {
 /// One CSV row per token: row, col, token, pass, window, rejections, prob, and for the exact
 /// mode fate, draft_pass, accept_prob (empty otherwise).
 pub fn trace_csv(trace: &DecodeTrace) -> String {
-    let mut out =
-        String::from("row,col,token,pass,window,rejections,prob,fate,draft_pass,accept_prob\n");
+    let mut out = String::from(
+        "row,col,token,pass,window,rejections,prob,fate,draft_pass,accept_prob,retained_mass,\
+         needed_window\n",
+    );
     for i in 0..trace.tokens.len() {
         let (fate, draft, accept) = match &trace.exact {
             Some(rec) => (
@@ -82,8 +84,16 @@ pub fn trace_csv(trace: &DecodeTrace) -> String {
             ),
             None => Default::default(),
         };
+        let retained = trace
+            .retained_mass_of
+            .get(i)
+            .map_or(String::new(), |m| format!("{m:.6}"));
+        let needed = trace
+            .needed_window_of
+            .get(i)
+            .map_or(String::new(), |s| s.to_string());
         out.push_str(&format!(
-            "{},{},{},{},{},{},{:.6},{fate},{draft},{accept}\n",
+            "{},{},{},{},{},{},{:.6},{fate},{draft},{accept},{retained},{needed}\n",
             i / trace.grid_w,
             i % trace.grid_w,
             trace.tokens[i],

@@ -79,18 +79,57 @@ pub fn cell_locality(
     }
 }
 
+/// Input `i`'s attention averaged over the layers (over the slots `0..len` of the pass).
+pub fn layer_mean(a: &PassAttention, i: usize) -> Vec<f32> {
+    let n = a.mean.len().max(1) as f32;
+    let len = a.mean.first().map_or(0, |l| l[i].len());
+    (0..len)
+        .map(|j| a.mean.iter().map(|l| l[i][j]).sum::<f32>() / n)
+        .collect()
+}
+
+/// For a run with attention captured (`attention_of` per cell, raster order): the share of
+/// each token's attention on the condition and on the cells produced in earlier passes.
+pub fn retained_in_run(attention_of: &[Vec<f32>], cond_len: usize, pass_of: &[usize]) -> Vec<f32> {
+    attention_of
+        .iter()
+        .enumerate()
+        .map(|(i, att)| {
+            let total: f32 = att.iter().sum::<f32>().max(f32::MIN_POSITIVE);
+            let cond: f32 = att.iter().take(cond_len).sum();
+            let kept: f32 = att
+                .iter()
+                .skip(cond_len)
+                .enumerate()
+                .filter(|(q, _)| pass_of.get(*q).is_some_and(|&p| p < pass_of[i]))
+                .map(|(_, a)| a)
+                .sum();
+            (cond + kept) / total
+        })
+        .collect()
+}
+
+/// The needed window (threshold 0.95) of every cell of an NTP run from its captured attention.
+pub fn needed_windows(attention_of: &[Vec<f32>], cond_len: usize, w: usize) -> Vec<usize> {
+    attention_of
+        .iter()
+        .enumerate()
+        .map(|(i, att)| {
+            let cell = Cell::new(i / w, i % w);
+            if cell.row == 0 {
+                1
+            } else {
+                cell_locality(att, cond_len, cell, w, 0.95).needed_window
+            }
+        })
+        .collect()
+}
+
 /// The attention that predicts each cell of a teacher-forced pass (the prefill predicts cell
 /// 0, the input at position p - 1 cell p), averaged over the layers.
 pub fn predicting_attention(prefill: &PassAttention, pass: &PassAttention) -> Vec<Vec<f32>> {
-    let mean_layers = |a: &PassAttention, i: usize| -> Vec<f32> {
-        let n = a.mean.len().max(1) as f32;
-        let len = a.mean.first().map_or(0, |l| l[i].len());
-        (0..len)
-            .map(|j| a.mean.iter().map(|l| l[i][j]).sum::<f32>() / n)
-            .collect()
-    };
-    let mut out = vec![mean_layers(prefill, prefill.slots.len() - 1)];
-    out.extend((0..pass.slots.len()).map(|i| mean_layers(pass, i)));
+    let mut out = vec![layer_mean(prefill, prefill.slots.len() - 1)];
+    out.extend((0..pass.slots.len()).map(|i| layer_mean(pass, i)));
     out
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::decode::engine::{EngineError, schedule_for};
-use crate::decode::{DecodeTrace, Flow, GenerateParams, PassReport, generate};
+use crate::decode::{DecodeTrace, Flow, GenerateParams, Mode, PassReport, generate};
 use crate::model::llamagen::LlamaGen;
 use crate::model::palette::CodePalette;
 use crate::model::{Condition, ImageArModel, ImageDecoder, RgbImage};
@@ -61,6 +61,8 @@ pub enum Command {
         cond: Condition,
         /// Decoding settings.
         params: GenerateParams,
+        /// Record each token's attention (NTP and fixed-window ZipAR).
+        attention: bool,
     },
     /// End the thread.
     Shutdown,
@@ -293,13 +295,18 @@ impl Worker {
                         error: format!("{e:#}"),
                     }),
                 },
-                Command::Generate { job, cond, params } => {
+                Command::Generate {
+                    job,
+                    cond,
+                    params,
+                    attention,
+                } => {
                     if job < self.cancel_below.load(Ordering::SeqCst) {
                         self.emit(Event::Cancelled { job });
                         continue;
                     }
                     self.busy.store(true, Ordering::SeqCst);
-                    let result = self.generate(job, &cond, &params);
+                    let result = self.generate(job, &cond, &params, attention);
                     self.busy.store(false, Ordering::SeqCst);
                     let e = match result {
                         Ok((trace, image)) => Event::Finished {
@@ -357,10 +364,13 @@ impl Worker {
         job: JobId,
         cond: &Condition,
         params: &GenerateParams,
+        attention: bool,
     ) -> Result<(DecodeTrace, RgbImage), GenError> {
         let Some(model) = self.model.as_mut() else {
             return Err(GenError::Other("no model is loaded".into()));
         };
+        let capture = attention && matches!(params.mode, Mode::Ntp | Mode::Zipar);
+        model.set_attention_capture(capture.then_some(0));
         let schedule = schedule_for(model, params.mode, params.window)
             .map_err(|e| GenError::Other(e.to_string()))?;
         let (h, w) = model.grid();
@@ -393,6 +403,7 @@ impl Worker {
                 Flow::Continue
             }
         });
+        model.set_attention_capture(None);
         let trace = match result {
             Ok(t) => t,
             Err(EngineError::Cancelled { .. }) => return Err(GenError::Cancelled),

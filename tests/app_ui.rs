@@ -113,7 +113,7 @@ fn type_prompt_generate_and_export() {
                 let text = std::fs::read_to_string(f).expect("read");
                 assert_eq!(text.lines().count(), 31);
                 assert!(text.starts_with(
-                    "row,col,token,pass,window,rejections,prob,fate,draft_pass,accept_prob"
+                    "row,col,token,pass,window,rejections,prob,fate,draft_pass,accept_prob,retained_mass,needed_window"
                 ));
             }
             other => panic!("unexpected file {other:?}"),
@@ -439,4 +439,52 @@ fn an_exact_compare_shows_fates_badges_and_draft_acceptance() {
         h.query_by_label_contains(&summary).is_some(),
         "the stats table shows {summary}"
     );
+}
+
+#[test]
+fn recorded_attention_shows_where_a_hovered_token_looked() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut s = settings(out.path());
+    s.record_attention = true;
+    s.view = zipar_studio::app::settings::ViewMode::Attention;
+    let mut h = harness(s);
+    step_until(&mut h, "the model", model_ready);
+    type_prompt(&mut h, "cat");
+    h.key_press(egui::Key::Enter);
+    step_until(&mut h, "the run", finished);
+    let run = h.state().runs().next().cloned().expect("a run");
+    // Every token's attention arrived with its pass, over the condition and earlier cells.
+    assert!(run.attention_of.iter().all(Option::is_some));
+    assert_eq!(run.cond_len, 1);
+    let trace = run.trace.as_ref().expect("trace");
+    assert_eq!(trace.retained_mass_of.len(), 30);
+    for i in 0..30 {
+        let m = run.retained_mass(i).expect("retained mass");
+        assert!((0.0..=1.0001).contains(&m));
+        assert!((m - trace.retained_mass_of[i]).abs() < 1e-4, "cell {i}");
+    }
+    // ZipAR-3 decodes some tokens with part of the row above missing: less than all.
+    assert!(trace.retained_mass_of.iter().any(|&m| m < 0.999));
+    // Hovering the grid shows the hovered token's share.
+    h.get_by_label(&format!("{} grid", run.label)).hover();
+    for _ in 0..6 {
+        h.step();
+    }
+    assert!(
+        h.query_by_label_contains("of its attention on what was written then")
+            .is_some(),
+        "the tooltip shows the retained mass"
+    );
+    // Off: nothing recorded, and the view says how to turn it on.
+    h.state_mut().settings.record_attention = false;
+    h.state_mut().generate(false);
+    step_until(&mut h, "the second run", finished);
+    let run = h.state().runs().next().cloned().expect("a run");
+    assert!(run.attention_of.iter().all(Option::is_none));
+    assert!(
+        run.trace
+            .as_ref()
+            .is_some_and(|t| t.retained_mass_of.is_empty())
+    );
+    assert!(h.query_by_label_contains("no attention recorded").is_some());
 }

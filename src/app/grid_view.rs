@@ -71,6 +71,7 @@ fn cell_color(run: &RunView, mode: ViewMode, i: usize) -> Option<Color32> {
             color(colormap::scaled(run.rejections[i] as f32, 0.0, max_rej))
         }
         ViewMode::Fate => fate_color(run.fate_of.get(i).copied().flatten()?),
+        ViewMode::Attention => color(colormap::viridis(run.retained_mass(i)?)),
     })
 }
 
@@ -94,6 +95,9 @@ pub fn grid_ui(
         vec2(side * aspect, side)
     };
     let (rect, response) = ui.allocate_exact_size(size, Sense::hover());
+    response.widget_info(|| {
+        egui::WidgetInfo::labeled(egui::Role::Image, true, format!("{} grid", run.label))
+    });
     let painter = ui.painter_at(rect);
     painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
     if h * w == 0 {
@@ -134,6 +138,35 @@ pub fn grid_ui(
             painter.rect_filled(r.shrink(0.5), 0.0, fill);
         }
     }
+    let hovered = response.hover_pos().and_then(|pos| {
+        let c = ((pos.x - rect.min.x) / cell.x).floor() as usize;
+        let r = ((pos.y - rect.min.y) / cell.y).floor() as usize;
+        (r < h && c < w).then_some(r * w + c)
+    });
+    if mode == ViewMode::Attention
+        && let Some(i) = hovered
+        && visible(i)
+        && let Some(att) = run.attention_of.get(i).and_then(Option::as_ref)
+    {
+        // Where the hovered token looked: its attention over the earlier cells, log-scaled
+        // against its largest share; the cells written when it was decoded outlined.
+        let image = &att[run.cond_len.min(att.len())..];
+        let top = image.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
+        let pass = run.pass_of[i].unwrap_or(0);
+        for (q, &a) in image.iter().enumerate().take(h * w) {
+            let t = (1.0 + (a / top).max(1e-4).log10() / 4.0).clamp(0.0, 1.0);
+            let c = colormap::viridis(t);
+            painter.rect_filled(cell_rect(q).shrink(0.5), 0.0, color(c));
+            if matches!(run.pass_of.get(q), Some(Some(p)) if *p < pass) {
+                painter.rect_stroke(
+                    cell_rect(q),
+                    0.0,
+                    Stroke::new(1.0, Color32::from_rgb(255, 255, 255)),
+                    egui::StrokeKind::Inside,
+                );
+            }
+        }
+    }
     if let Some(front) = front {
         let stroke = Stroke::new(2.0, Color32::from_rgb(255, 80, 200));
         for i in (0..h * w).filter(|&i| run.pass_of[i] == Some(front)) {
@@ -166,6 +199,12 @@ pub fn grid_ui(
                         ui.label(format!("rejections {}", run.rejections[i]));
                         ui.label(format!("probability {:.3}", run.probs[i]));
                         exact_cell_ui(ui, run, i);
+                        if let Some(m) = run.retained_mass(i) {
+                            ui.label(format!(
+                                "{:.0}% of its attention on what was written then",
+                                100.0 * m
+                            ));
+                        }
                     }
                     _ => {
                         ui.label("not generated yet");
@@ -209,6 +248,10 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
         fate_legend_ui(ui, run);
         return;
     }
+    if mode == ViewMode::Attention && !run.attention_of.iter().any(Option::is_some) {
+        ui.weak("no attention recorded: tick \"Record attention\" (NTP and ZipAR runs)");
+        return;
+    }
     let (lo, hi, what) = match mode {
         ViewMode::PassMap | ViewMode::Overlay => (
             0,
@@ -230,6 +273,11 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
             0,
             run.max_passes_ahead().max(1),
             "passes ahead of next-token decoding",
+        ),
+        ViewMode::Attention => (
+            0,
+            1,
+            "share of the token's attention on what was written (hover: where it looked)",
         ),
         ViewMode::Image | ViewMode::Fate => return,
     };

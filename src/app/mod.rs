@@ -221,6 +221,7 @@ impl StudioApp {
                 job,
                 cond: cond.clone(),
                 params,
+                attention: self.settings.record_attention,
             });
         }
         self.status = Some((format!("generating \"{name}\""), false));
@@ -671,6 +672,11 @@ impl StudioApp {
             .on_hover_text(
                 "attention skips cache slots no token was written to yet; the official code \
                  attends to them as zeros",
+            );
+        ui.checkbox(&mut self.settings.record_attention, "Record attention")
+            .on_hover_text(
+                "NTP and ZipAR runs keep each token's attention for the Attention view (mean \
+                 over heads and layers); off, it costs nothing",
             );
         ui.add_enabled_ui(!self.settings.greedy, |ui| {
             ui.add(

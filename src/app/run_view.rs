@@ -48,6 +48,11 @@ pub struct RunView {
     pub probs: Vec<f32>,
     /// Exact mode: how each cell became final.
     pub fate_of: Vec<Option<Fate>>,
+    /// With attention recorded: each token's attention over the condition's slots and then
+    /// the image positions.
+    pub attention_of: Vec<Option<Vec<f32>>>,
+    /// Condition slots at the start of each `attention_of` row.
+    pub cond_len: usize,
     /// Time of each pass (ms).
     pub pass_ms: Vec<f64>,
     /// Tokens produced by each pass.
@@ -83,6 +88,8 @@ impl RunView {
             rejections: Vec::new(),
             probs: Vec::new(),
             fate_of: Vec::new(),
+            attention_of: Vec::new(),
+            cond_len: 0,
             pass_ms: Vec::new(),
             tokens_per_pass: Vec::new(),
             started: None,
@@ -148,6 +155,7 @@ impl RunView {
         self.rejections = vec![0; n];
         self.probs = vec![0.0; n];
         self.fate_of = vec![None; n];
+        self.attention_of = vec![None; n];
         self.started = Some(Instant::now());
         self.status = RunStatus::Running;
     }
@@ -164,6 +172,13 @@ impl RunView {
                 continue;
             }
             self.fate_of[i] = r.fates.get(k).copied();
+            self.attention_of[i] = r.attention.get(k).cloned();
+            if i == 0
+                && let Some(a) = &self.attention_of[0]
+            {
+                // The prefill's pass spans exactly the condition's slots.
+                self.cond_len = a.len();
+            }
             self.tokens[i] = Some(token);
             self.pass_of[i] = Some(r.index);
             self.probs[i] = prob;
@@ -232,6 +247,24 @@ impl RunView {
             rec.accepted_per_pass.iter().sum(),
             rec.tested_per_pass.iter().sum(),
         ))
+    }
+
+    /// The share of cell `i`'s attention on the condition and on the cells produced before
+    /// its pass (what was written when it was decoded).
+    pub fn retained_mass(&self, i: usize) -> Option<f32> {
+        let att = self.attention_of.get(i)?.as_ref()?;
+        let pass = self.pass_of.get(i).copied().flatten()?;
+        let total: f32 = att.iter().sum::<f32>().max(f32::MIN_POSITIVE);
+        let kept: f32 = att
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| {
+                j < self.cond_len
+                    || matches!(self.pass_of.get(j - self.cond_len), Some(Some(p)) if *p < pass)
+            })
+            .map(|(_, a)| a)
+            .sum();
+        Some(kept / total)
     }
 
     /// Decoding time of the passes (ms).

@@ -25,11 +25,13 @@ pub enum ViewMode {
     Ahead,
     /// Exact mode: accepted draft, residual sample after a rejection, or plain sample.
     Fate,
+    /// With attention recorded: each token's retained mass; hover a cell for its attention.
+    Attention,
 }
 
 impl ViewMode {
     /// All modes, in menu order.
-    pub const ALL: [ViewMode; 8] = [
+    pub const ALL: [ViewMode; 9] = [
         ViewMode::Image,
         ViewMode::PassMap,
         ViewMode::Parallelism,
@@ -37,6 +39,7 @@ impl ViewMode {
         ViewMode::WindowMap,
         ViewMode::Rejections,
         ViewMode::Fate,
+        ViewMode::Attention,
         ViewMode::Overlay,
     ];
 
@@ -51,6 +54,7 @@ impl ViewMode {
             ViewMode::Parallelism => "Parallelism",
             ViewMode::Ahead => "Ahead of NTP",
             ViewMode::Fate => "Fates",
+            ViewMode::Attention => "Attention",
         }
     }
 
@@ -72,6 +76,11 @@ impl ViewMode {
             }
             ViewMode::Ahead => {
                 "how many passes earlier than next-token decoding the cell was produced"
+            }
+            ViewMode::Attention => {
+                "with \"Record attention\" on: each cell coloured by the share of its attention \
+                 on what was written when it was decoded; hover a cell to see where it looked, \
+                 with the cells written at that moment outlined"
             }
             ViewMode::Fate => {
                 "exact mode: green, a draft that passed its test against the full-context \
@@ -108,6 +117,8 @@ pub struct Settings {
     pub greedy: bool,
     /// Hide never-written cache slots from attention.
     pub mask_unwritten: bool,
+    /// Record each token's attention (NTP and ZipAR runs) for the Attention view.
+    pub record_attention: bool,
     /// Model folder; `None` = the built-in model.
     pub model_dir: Option<PathBuf>,
     /// Device name.
@@ -135,6 +146,7 @@ impl Default for Settings {
             seed: 0,
             greedy: false,
             mask_unwritten: false,
+            record_attention: false,
             model_dir: None,
             device: "cpu".into(),
             view: ViewMode::PassMap,

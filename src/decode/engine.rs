@@ -56,6 +56,10 @@ pub struct PassReport {
     /// Exact mode: how each produced cell became final (same order as `produced`); empty in
     /// the other modes.
     pub fates: Vec<super::exact::Fate>,
+    /// With attention capture on (NTP and fixed-window ZipAR): the attention of the query
+    /// that predicted each produced cell, mean over heads and layers, over the condition's
+    /// slots and then the image positions (same order as `produced`); empty otherwise.
+    pub attention: Vec<Vec<f32>>,
     /// Wall time of the pass (model call plus sampling).
     pub elapsed: Duration,
 }
@@ -236,6 +240,7 @@ fn generate_adaptive(
         produced: vec![(Cell::new(0, 0), first.token, first.prob)],
         inputs: 1,
         fates: Vec::new(),
+        attention: Vec::new(),
         elapsed: t0.elapsed(),
     };
     finish_pass(&mut trace, sink, report, planner.is_done())?;
@@ -301,6 +306,7 @@ fn generate_adaptive(
             produced,
             inputs: feeds.len(),
             fates: Vec::new(),
+            attention: Vec::new(),
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, planner.is_done())?;
@@ -363,16 +369,41 @@ fn generate_fixed(
     let mut grid: Vec<Option<u32>> = vec![None; h * w];
     let total = schedule.num_passes();
     let started = Instant::now();
+    let mut attention_of: Vec<Vec<f32>> = Vec::new();
+    let mut cond_len = 0;
     for (index, pass) in schedule.passes.iter().enumerate() {
         let t0 = Instant::now();
         let logits = run_pass(model, cond, opts, pass, |c| grid[c.row * w + c.col])?;
         let cells: Vec<Cell> = pass.predicted().collect();
         check_rows(&logits, cells.len())?;
+        // Capture on: each predicting input's attention (the prefill's last slot predicts).
+        let attention: Vec<Vec<f32>> = match model.take_attention() {
+            Some(a) => {
+                cond_len = a.cond_len;
+                let rows: Vec<usize> = if index == 0 {
+                    vec![a.slots.len() - 1]
+                } else {
+                    (0..pass.feeds.len())
+                        .filter(|&i| pass.feeds[i].predicts.is_some())
+                        .collect()
+                };
+                rows.iter()
+                    .map(|&i| crate::locality::layer_mean(&a, i))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let mut produced = Vec::with_capacity(cells.len());
         for (i, cell) in cells.iter().enumerate() {
             let s = sampler.sample(&combine(&logits, i, cfg));
             grid[cell.row * w + cell.col] = Some(s.token);
             produced.push((*cell, s.token, s.prob));
+        }
+        if !attention.is_empty() {
+            attention_of.resize(h * w, Vec::new());
+            for (c, a) in cells.iter().zip(&attention) {
+                attention_of[c.row * w + c.col] = a.clone();
+            }
         }
         let report = PassReport {
             index,
@@ -380,11 +411,19 @@ fn generate_fixed(
             produced,
             inputs: pass.feeds.len(),
             fates: Vec::new(),
+            attention,
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, index + 1 == total)?;
     }
     trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
     trace.window_of = windows_from_passes(h, w, &trace.pass_of);
+    if attention_of.len() == h * w {
+        trace.retained_mass_of =
+            crate::locality::retained_in_run(&attention_of, cond_len, &trace.pass_of);
+        if params.mode == Mode::Ntp {
+            trace.needed_window_of = crate::locality::needed_windows(&attention_of, cond_len, w);
+        }
+    }
     Ok(trace)
 }

@@ -360,6 +360,7 @@ pub fn generate_with(
         produced: vec![(Cell::new(0, 0), first.token, first.prob)],
         inputs: 1,
         fates: vec![Fate::Plain],
+        attention: Vec::new(),
         elapsed: t0.elapsed(),
     };
     finish_pass(&mut trace, sink, report, st.fin == seq.len)?;
@@ -590,6 +591,7 @@ pub fn generate_with(
             produced,
             inputs: inputs.len(),
             fates,
+            attention: Vec::new(),
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, st.fin == seq.len)?;

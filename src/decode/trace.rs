@@ -46,6 +46,14 @@ pub struct DecodeTrace {
     pub seed: u64,
     /// Total decoding time in milliseconds (passes only, not image decoding).
     pub total_ms: f64,
+    /// With attention capture: the share of each token's attention on what was written when
+    /// it was decoded (the condition and the cells of earlier passes); empty without capture.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retained_mass_of: Vec<f32>,
+    /// With attention capture, NTP runs only: the smallest window that keeps 95% of each
+    /// token's attention (`zipar-studio locality`; row 0: 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needed_window_of: Vec<usize>,
     /// The exact mode's fates, draft passes and acceptance (absent for the other modes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exact: Option<ExactRecord>,
@@ -74,6 +82,8 @@ impl DecodeTrace {
             sampling: Sampling::Greedy,
             seed: 0,
             total_ms: 0.0,
+            retained_mass_of: Vec::new(),
+            needed_window_of: Vec::new(),
             exact: None,
         }
     }
