@@ -109,3 +109,67 @@ fn the_built_in_model_attends_to_the_cell_above_more_than_to_the_previous_token(
     // The paper's Figure 3 on this model (README: 0.146 vs 0.028 over 16 classes).
     assert!(s.mean_above > 2.0 * s.mean_previous, "{s:?}");
 }
+
+/// The captured probabilities are the PyTorch reference's (training/attention_reference.py,
+/// same f16 weights): the prefill, a 1-input pass and a 3-input ZipAR-like pass, per layer
+/// (mean over heads) and per head of layer 2, within 1e-4.
+#[test]
+fn captured_attention_matches_the_pytorch_reference() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/builtin_attention.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    let mut m = model();
+    let head_layer = reference["head_layer"].as_u64().expect("head layer") as usize;
+    assert!(m.set_attention_capture(Some(head_layer)));
+    let class = reference["class"].as_u64().expect("class") as u32;
+    let opts = zipar_studio::model::RunOptions {
+        cfg: true,
+        mask_unwritten: false,
+    };
+    let as_vec3 = |v: &serde_json::Value| -> Vec<Vec<Vec<f32>>> {
+        serde_json::from_value(v.clone()).expect("[[[f32]]]")
+    };
+    let mut worst = 0f32;
+    let mut compare = |got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert_eq!(g.len(), w.len(), "{what}: slots");
+            for (a, b) in g.iter().zip(w) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    };
+    for (k, pass) in reference["passes"]
+        .as_array()
+        .expect("passes")
+        .iter()
+        .enumerate()
+    {
+        if k == 0 {
+            m.prefill(&Condition::Class(class), opts).expect("prefill");
+        } else {
+            let inputs: Vec<ModelInput> = pass["tokens"]
+                .as_array()
+                .expect("tokens")
+                .iter()
+                .zip(pass["positions"].as_array().expect("positions"))
+                .map(|(t, p)| ModelInput {
+                    token: t.as_u64().expect("token") as u32,
+                    pos: p.as_u64().expect("pos") as usize,
+                    wants_logits: true,
+                })
+                .collect();
+            m.step(&inputs).expect("step");
+        }
+        let a = m.take_attention().expect("attention");
+        compare(&a.mean, &as_vec3(&pass["mean"]), &format!("pass {k} mean"));
+        compare(
+            &a.heads,
+            &as_vec3(&pass["heads"]),
+            &format!("pass {k} heads"),
+        );
+    }
+    eprintln!("largest difference from the reference: {worst:e}");
+    assert!(worst < 1e-4, "largest difference {worst}");
+}

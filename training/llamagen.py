@@ -13,6 +13,8 @@ condition positions have cos = sin = 0.
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,6 +97,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
         self.cache_k = None
         self.cache_v = None
+        # set to True to keep the last cached pass's attention probabilities [B, H, k, S]
+        self.record = False
+        self.last_probs = None
 
     def forward(self, x, table, slots=None, mask=None):
         b, s, _ = x.shape
@@ -108,6 +113,9 @@ class Attention(nn.Module):
             self.cache_k[:, :, slots] = k
             self.cache_v[:, :, slots] = v
             k, v = self.cache_k, self.cache_v
+        if self.record and mask is not None:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(a.head_dim)
+            self.last_probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         # without a cache: raster-causal, or a training context mask [B, 1, s, s]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(b, s, a.dim))
