@@ -61,8 +61,9 @@ pub enum Command {
         cond: Condition,
         /// Decoding settings.
         params: GenerateParams,
-        /// Record each token's attention (NTP and fixed-window ZipAR).
-        attention: bool,
+        /// Record each token's attention (NTP and fixed-window ZipAR), keeping this layer's
+        /// heads one by one.
+        attention: Option<usize>,
     },
     /// End the thread.
     Shutdown,
@@ -364,13 +365,13 @@ impl Worker {
         job: JobId,
         cond: &Condition,
         params: &GenerateParams,
-        attention: bool,
+        attention: Option<usize>,
     ) -> Result<(DecodeTrace, RgbImage), GenError> {
         let Some(model) = self.model.as_mut() else {
             return Err(GenError::Other("no model is loaded".into()));
         };
-        let capture = attention && matches!(params.mode, Mode::Ntp | Mode::Zipar);
-        model.set_attention_capture(capture.then_some(0));
+        let capture = matches!(params.mode, Mode::Ntp | Mode::Zipar);
+        model.set_attention_capture(attention.filter(|_| capture));
         let schedule = schedule_for(model, params.mode, params.window)
             .map_err(|e| GenError::Other(e.to_string()))?;
         let (h, w) = model.grid();

@@ -459,7 +459,7 @@ fn recorded_attention_shows_where_a_hovered_token_looked() {
     let trace = run.trace.as_ref().expect("trace");
     assert_eq!(trace.retained_mass_of.len(), 30);
     for i in 0..30 {
-        let m = run.retained_mass(i).expect("retained mass");
+        let m = run.retained_mass(i, None, None).expect("retained mass");
         assert!((0.0..=1.0001).contains(&m));
         assert!((m - trace.retained_mass_of[i]).abs() < 1e-4, "cell {i}");
     }
@@ -474,6 +474,39 @@ fn recorded_attention_shows_where_a_hovered_token_looked() {
         h.query_by_label_contains("of its attention on what was written then")
             .is_some(),
         "the tooltip shows the retained mass"
+    );
+    // One layer, one head: another view of the same tokens (layer 0's heads were recorded).
+    let head: Vec<f32> = (0..30)
+        .filter_map(|i| run.retained_mass(i, Some(0), Some(1)))
+        .collect();
+    assert_eq!(head.len(), 30);
+    assert!(
+        head.iter()
+            .zip(&trace.retained_mass_of)
+            .any(|(a, b)| (a - b).abs() > 1e-3)
+    );
+    assert!(
+        h.query_by_label("layer").is_some(),
+        "the layer picker shows"
+    );
+    // Compare: the NTP run's tokens saw everything; the view shows the windows they need.
+    h.get_by_label("Compare").click();
+    step_until(&mut h, "both runs", finished);
+    let ntp = h.state().runs().next().cloned().expect("the NTP run");
+    let needed: Vec<usize> = (6..30)
+        .filter_map(|i| ntp.needed_window(i, None, None, 0.95))
+        .collect();
+    assert_eq!(needed.len(), 24);
+    assert!(needed.iter().all(|&s| (1..=6).contains(&s)));
+    assert!(
+        h.query_by_label_contains("90% of tokens need at most")
+            .is_some(),
+        "the needed-window histogram renders"
+    );
+    assert_eq!(
+        ntp.trace.as_ref().map(|t| t.needed_window_of.len()),
+        Some(30),
+        "the trace exports the needed windows"
     );
     // Off: nothing recorded, and the view says how to turn it on.
     h.state_mut().settings.record_attention = false;

@@ -32,7 +32,20 @@ fn shade(c: [u8; 3], f: f32) -> [u8; 3] {
 }
 
 /// The colour of cell `i` in `mode` (`None`: the view shows no colour there).
-fn cell_color(run: &RunView, mode: ViewMode, i: usize) -> Option<Color32> {
+/// Which attention the Attention view shows: a layer (`None`: the mean of the layers) and,
+/// in the layer whose heads were recorded, a head (`None`: the mean of the heads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttentionPick {
+    /// Layer.
+    pub layer: Option<usize>,
+    /// Head.
+    pub head: Option<usize>,
+}
+
+/// Share of its attention a token's window must keep (the needed window's threshold).
+pub const NEEDED_MASS: f32 = 0.95;
+
+fn cell_color(run: &RunView, mode: ViewMode, pick: AttentionPick, i: usize) -> Option<Color32> {
     let w = run.grid.1;
     let pass = run.pass_of.get(i).copied().flatten()?;
     let max_pass = run.passes().saturating_sub(1).max(1) as f32;
@@ -71,17 +84,26 @@ fn cell_color(run: &RunView, mode: ViewMode, i: usize) -> Option<Color32> {
             color(colormap::scaled(run.rejections[i] as f32, 0.0, max_rej))
         }
         ViewMode::Fate => fate_color(run.fate_of.get(i).copied().flatten()?),
-        ViewMode::Attention => color(colormap::viridis(run.retained_mass(i)?)),
+        // NTP tokens saw everything: their colour is the window they would need; other runs
+        // show how much of each token's attention fell on what was written.
+        ViewMode::Attention => match run.needed_window(i, pick.layer, pick.head, NEEDED_MASS) {
+            Some(s) => color(colormap::scaled(s as f32, 1.0, w as f32)),
+            None => color(colormap::viridis(
+                run.retained_mass(i, pick.layer, pick.head)?,
+            )),
+        },
     })
 }
 
 /// Draws `run` in `mode` into a square area `side` points wide. Only cells produced in passes
 /// `< upto` are shown (the replay); the cells of pass `front` are outlined (the decoding
 /// front: with ZipAR, a diagonal across several rows); hovering shows a cell's details.
+#[allow(clippy::too_many_arguments)]
 pub fn grid_ui(
     ui: &mut egui::Ui,
     run: &RunView,
     mode: ViewMode,
+    pick: AttentionPick,
     texture: Option<&TextureHandle>,
     upto: usize,
     front: Option<usize>,
@@ -134,7 +156,7 @@ pub fn grid_ui(
             painter.rect_filled(r, 0.0, Color32::from_black_alpha(170));
             continue;
         }
-        if let Some(fill) = cell_color(run, mode, i) {
+        if let Some(fill) = cell_color(run, mode, pick, i) {
             painter.rect_filled(r.shrink(0.5), 0.0, fill);
         }
     }
@@ -146,7 +168,11 @@ pub fn grid_ui(
     if mode == ViewMode::Attention
         && let Some(i) = hovered
         && visible(i)
-        && let Some(att) = run.attention_of.get(i).and_then(Option::as_ref)
+        && let Some(att) = run
+            .attention_of
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|a| a.select(pick.layer, pick.head))
     {
         // Where the hovered token looked: its attention over the earlier cells, log-scaled
         // against its largest share; the cells written when it was decoded outlined.
@@ -154,7 +180,7 @@ pub fn grid_ui(
         let top = image.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
         let pass = run.pass_of[i].unwrap_or(0);
         for (q, &a) in image.iter().enumerate().take(h * w) {
-            let t = (1.0 + (a / top).max(1e-4).log10() / 4.0).clamp(0.0, 1.0);
+            let t = (1.0 + (a / top).max(1e-4).log10() / 4.0).clamp(0.0, 1.0_f32);
             let c = colormap::viridis(t);
             painter.rect_filled(cell_rect(q).shrink(0.5), 0.0, color(c));
             if matches!(run.pass_of.get(q), Some(Some(p)) if *p < pass) {
@@ -199,10 +225,16 @@ pub fn grid_ui(
                         ui.label(format!("rejections {}", run.rejections[i]));
                         ui.label(format!("probability {:.3}", run.probs[i]));
                         exact_cell_ui(ui, run, i);
-                        if let Some(m) = run.retained_mass(i) {
+                        if let Some(m) = run.retained_mass(i, pick.layer, pick.head) {
                             ui.label(format!(
                                 "{:.0}% of its attention on what was written then",
                                 100.0 * m
+                            ));
+                        }
+                        if let Some(s) = run.needed_window(i, pick.layer, pick.head, NEEDED_MASS) {
+                            ui.label(format!(
+                                "needs window {s} to keep {:.0}% of its attention",
+                                100.0 * NEEDED_MASS
                             ));
                         }
                     }
@@ -244,6 +276,18 @@ fn exact_cell_ui(ui: &mut egui::Ui, run: &RunView, i: usize) {
 
 /// A colour bar with its range, for the pass and window maps.
 pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
+    if mode == ViewMode::Attention
+        && run.params.mode == crate::decode::Mode::Ntp
+        && run.attention_of.iter().any(Option::is_some)
+    {
+        let w = run.grid.1;
+        return colorbar_ui(
+            ui,
+            1,
+            w,
+            "needed window: the window that keeps 95% of the token's attention",
+        );
+    }
     if mode == ViewMode::Fate {
         fate_legend_ui(ui, run);
         return;
@@ -281,6 +325,11 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
         ),
         ViewMode::Image | ViewMode::Fate => return,
     };
+    colorbar_ui(ui, lo, hi, what);
+}
+
+/// A viridis colour bar from `lo` to `hi` with a caption.
+fn colorbar_ui(ui: &mut egui::Ui, lo: usize, hi: usize, what: &str) {
     // wraps within the lane: the lanes keep their width whatever the legend says
     ui.horizontal_wrapped(|ui| {
         ui.label(lo.to_string());
@@ -316,6 +365,61 @@ fn fate_legend_ui(ui: &mut egui::Ui, run: &RunView) {
             });
         }
     });
+}
+
+/// NTP run with attention: how many tokens need each window (the paper's Figure 5) and the
+/// window that covers 90% of them.
+pub fn needed_window_plot_ui(ui: &mut egui::Ui, run: &RunView, pick: AttentionPick, width: f32) {
+    use egui_plot::{Bar, BarChart, Plot};
+    let (h, w) = run.grid;
+    if run.params.mode != crate::decode::Mode::Ntp || h < 2 {
+        return;
+    }
+    let needed: Vec<usize> = (w..h * w)
+        .filter_map(|i| run.needed_window(i, pick.layer, pick.head, NEEDED_MASS))
+        .collect();
+    if needed.is_empty() {
+        return;
+    }
+    let mut counts = vec![0usize; w + 1];
+    for &s in &needed {
+        counts[s.min(w)] += 1;
+    }
+    let mut cum = 0;
+    let cover = (1..=w)
+        .find(|&s| {
+            cum += counts[s];
+            cum as f64 >= 0.9 * needed.len() as f64
+        })
+        .unwrap_or(w);
+    ui.label(format!(
+        "needed window, rows 1-{}: 90% of tokens need at most {cover}",
+        h - 1
+    ));
+    Plot::new(("needed_windows", run.job))
+        .width(width)
+        .height(72.0)
+        .allow_zoom(false)
+        .allow_drag(false)
+        .allow_scroll(false)
+        .allow_boxed_zoom(false)
+        .include_x(0.5)
+        .include_x(w as f64 + 0.5)
+        .include_y(0.0)
+        .x_axis_label("needed window")
+        .y_axis_label("tokens")
+        .y_axis_min_width(28.0)
+        .show(ui, |p| {
+            let bars = (1..=w)
+                .map(|s| {
+                    let c = colormap::scaled(s as f32, 1.0, w as f32);
+                    Bar::new(s as f64, counts[s] as f64)
+                        .width(0.8)
+                        .fill(color(c))
+                })
+                .collect();
+            p.bar_chart(BarChart::new("tokens per needed window", bars));
+        });
 }
 
 /// Exact mode, finished: the share of tested drafts accepted in each row, and how many drafts

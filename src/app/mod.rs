@@ -221,7 +221,10 @@ impl StudioApp {
                 job,
                 cond: cond.clone(),
                 params,
-                attention: self.settings.record_attention,
+                attention: self
+                    .settings
+                    .record_attention
+                    .then(|| self.settings.attention_layer.unwrap_or(0)),
             });
         }
         self.status = Some((format!("generating \"{name}\""), false));
@@ -809,6 +812,13 @@ impl StudioApp {
             self.player_ui(ui);
         }
         let view = self.settings.view;
+        if view == ViewMode::Attention {
+            self.attention_pick_ui(ui);
+        }
+        let pick = grid_view::AttentionPick {
+            layer: self.settings.attention_layer,
+            head: self.settings.attention_head,
+        };
         let n = self.lanes.len() as f32;
         let avail = ui.available_width();
         // room for the header rows, the legend and the plots under each grid
@@ -829,8 +839,20 @@ impl StudioApp {
                         badge_ui(ui, run);
                     });
                     let (upto, front) = lane_view(run, replaying, shown, longest);
-                    grid_view::grid_ui(ui, run, view, lane.texture.as_ref(), upto, front, side);
+                    grid_view::grid_ui(
+                        ui,
+                        run,
+                        view,
+                        pick,
+                        lane.texture.as_ref(),
+                        upto,
+                        front,
+                        side,
+                    );
                     grid_view::legend_ui(ui, view, run);
+                    if view == ViewMode::Attention {
+                        grid_view::needed_window_plot_ui(ui, run, pick, side);
+                    }
                     grid_view::pass_plot_ui(ui, run, front, side);
                     grid_view::exact_plot_ui(ui, run, front, side);
                 });
@@ -838,6 +860,50 @@ impl StudioApp {
         });
         ui.add_space(6.0);
         stats_table_ui(ui, self.lanes.iter().map(|l| &l.run));
+    }
+
+    /// The Attention view's layer and head pickers.
+    fn attention_pick_ui(&mut self, ui: &mut egui::Ui) {
+        let recorded = self
+            .lanes
+            .iter()
+            .flat_map(|l| l.run.attention_of.iter().flatten())
+            .next()
+            .map(|a| (a.layers.len(), a.head_layer, a.heads.len()));
+        let Some((layers, head_layer, heads)) = recorded else {
+            return;
+        };
+        let name = |x: Option<usize>| x.map_or("mean".to_string(), |i| i.to_string());
+        let s = &mut self.settings;
+        ui.horizontal(|ui| {
+            egui::ComboBox::from_label("layer")
+                .selected_text(name(s.attention_layer))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut s.attention_layer, None, "mean of the layers");
+                    for l in 0..layers {
+                        ui.selectable_value(&mut s.attention_layer, Some(l), l.to_string());
+                    }
+                });
+            let heads_here = s.attention_layer == Some(head_layer);
+            ui.add_enabled_ui(heads_here, |ui| {
+                egui::ComboBox::from_label("head")
+                    .selected_text(name(s.attention_head))
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(&mut s.attention_head, None, "mean of the heads");
+                        for h in 0..heads {
+                            ui.selectable_value(&mut s.attention_head, Some(h), h.to_string());
+                        }
+                    });
+            })
+            .response
+            .on_disabled_hover_text(format!(
+                "heads are recorded for layer {head_layer}: pick it, or pick a layer and \
+                 generate again"
+            ));
+        });
+        if s.attention_layer != Some(head_layer) {
+            s.attention_head = None;
+        }
     }
 
     /// Whether the runs on screen are finished and the player drives what they show.

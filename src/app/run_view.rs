@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use crate::decode::exact::Fate;
 use crate::decode::{DecodeTrace, GenerateParams, Mode, PassReport};
-use crate::model::RgbImage;
 use crate::model::palette::CodePalette;
+use crate::model::{RgbImage, TokenAttention};
 use crate::worker::JobId;
 
 /// Where a run is.
@@ -50,7 +50,7 @@ pub struct RunView {
     pub fate_of: Vec<Option<Fate>>,
     /// With attention recorded: each token's attention over the condition's slots and then
     /// the image positions.
-    pub attention_of: Vec<Option<Vec<f32>>>,
+    pub attention_of: Vec<Option<TokenAttention>>,
     /// Condition slots at the start of each `attention_of` row.
     pub cond_len: usize,
     /// Time of each pass (ms).
@@ -177,7 +177,7 @@ impl RunView {
                 && let Some(a) = &self.attention_of[0]
             {
                 // The prefill's pass spans exactly the condition's slots.
-                self.cond_len = a.len();
+                self.cond_len = a.layers.first().map_or(0, Vec::len);
             }
             self.tokens[i] = Some(token);
             self.pass_of[i] = Some(r.index);
@@ -251,8 +251,13 @@ impl RunView {
 
     /// The share of cell `i`'s attention on the condition and on the cells produced before
     /// its pass (what was written when it was decoded).
-    pub fn retained_mass(&self, i: usize) -> Option<f32> {
-        let att = self.attention_of.get(i)?.as_ref()?;
+    pub fn retained_mass(
+        &self,
+        i: usize,
+        layer: Option<usize>,
+        head: Option<usize>,
+    ) -> Option<f32> {
+        let att = self.attention_of.get(i)?.as_ref()?.select(layer, head)?;
         let pass = self.pass_of.get(i).copied().flatten()?;
         let total: f32 = att.iter().sum::<f32>().max(f32::MIN_POSITIVE);
         let kept: f32 = att
@@ -265,6 +270,28 @@ impl RunView {
             .map(|(_, a)| a)
             .sum();
         Some(kept / total)
+    }
+
+    /// The window cell `i` needs to keep `threshold` of its attention (NTP runs, whose
+    /// tokens saw the full context; see `zipar-studio locality`).
+    pub fn needed_window(
+        &self,
+        i: usize,
+        layer: Option<usize>,
+        head: Option<usize>,
+        threshold: f32,
+    ) -> Option<usize> {
+        if self.params.mode != Mode::Ntp {
+            return None;
+        }
+        let att = self.attention_of.get(i)?.as_ref()?.select(layer, head)?;
+        let w = self.grid.1;
+        let cell = crate::decode::Cell::new(i / w.max(1), i % w.max(1));
+        Some(if cell.row == 0 {
+            1
+        } else {
+            crate::locality::cell_locality(&att, self.cond_len, cell, w, threshold).needed_window
+        })
     }
 
     /// Decoding time of the passes (ms).

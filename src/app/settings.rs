@@ -119,6 +119,11 @@ pub struct Settings {
     pub mask_unwritten: bool,
     /// Record each token's attention (NTP and ZipAR runs) for the Attention view.
     pub record_attention: bool,
+    /// Attention view: the layer shown (`None`: the mean of the layers); its heads are
+    /// recorded one by one.
+    pub attention_layer: Option<usize>,
+    /// Attention view: the head shown in that layer (`None`: the mean of its heads).
+    pub attention_head: Option<usize>,
     /// Model folder; `None` = the built-in model.
     pub model_dir: Option<PathBuf>,
     /// Device name.
@@ -147,6 +152,8 @@ impl Default for Settings {
             greedy: false,
             mask_unwritten: false,
             record_attention: false,
+            attention_layer: None,
+            attention_head: None,
             model_dir: None,
             device: "cpu".into(),
             view: ViewMode::PassMap,

@@ -59,7 +59,7 @@ pub struct PassReport {
     /// With attention capture on (NTP and fixed-window ZipAR): the attention of the query
     /// that predicted each produced cell, mean over heads and layers, over the condition's
     /// slots and then the image positions (same order as `produced`); empty otherwise.
-    pub attention: Vec<Vec<f32>>,
+    pub attention: Vec<crate::model::TokenAttention>,
     /// Wall time of the pass (model call plus sampling).
     pub elapsed: Duration,
 }
@@ -377,7 +377,7 @@ fn generate_fixed(
         let cells: Vec<Cell> = pass.predicted().collect();
         check_rows(&logits, cells.len())?;
         // Capture on: each predicting input's attention (the prefill's last slot predicts).
-        let attention: Vec<Vec<f32>> = match model.take_attention() {
+        let attention: Vec<crate::model::TokenAttention> = match model.take_attention() {
             Some(a) => {
                 cond_len = a.cond_len;
                 let rows: Vec<usize> = if index == 0 {
@@ -388,7 +388,7 @@ fn generate_fixed(
                         .collect()
                 };
                 rows.iter()
-                    .map(|&i| crate::locality::layer_mean(&a, i))
+                    .map(|&i| crate::model::TokenAttention::of_input(&a, i))
                     .collect()
             }
             None => Vec::new(),
@@ -402,7 +402,7 @@ fn generate_fixed(
         if !attention.is_empty() {
             attention_of.resize(h * w, Vec::new());
             for (c, a) in cells.iter().zip(&attention) {
-                attention_of[c.row * w + c.col] = a.clone();
+                attention_of[c.row * w + c.col] = a.mean();
             }
         }
         let report = PassReport {

@@ -60,6 +60,48 @@ pub struct PassAttention {
     pub heads: Vec<Vec<Vec<f32>>>,
 }
 
+/// One token's attention, as the UI and the trace use it: over the condition's slots and
+/// then the image positions before the query.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenAttention {
+    /// Per layer, the mean over heads.
+    pub layers: Vec<Vec<f32>>,
+    /// The layer whose heads are in `heads`.
+    pub head_layer: usize,
+    /// Per head of `head_layer`.
+    pub heads: Vec<Vec<f32>>,
+}
+
+impl TokenAttention {
+    /// Input `i` of a captured pass.
+    pub fn of_input(a: &PassAttention, i: usize) -> Self {
+        Self {
+            layers: a.mean.iter().map(|l| l[i].clone()).collect(),
+            head_layer: a.head_layer,
+            heads: a.heads.iter().map(|h| h[i].clone()).collect(),
+        }
+    }
+
+    /// The mean over heads and layers.
+    pub fn mean(&self) -> Vec<f32> {
+        let n = self.layers.len().max(1) as f32;
+        let len = self.layers.first().map_or(0, Vec::len);
+        (0..len)
+            .map(|j| self.layers.iter().map(|l| l[j]).sum::<f32>() / n)
+            .collect()
+    }
+
+    /// One view: `layer` `None` is the mean of the layers; `head` applies to `head_layer` only
+    /// (`None`: the mean of its heads).
+    pub fn select(&self, layer: Option<usize>, head: Option<usize>) -> Option<Vec<f32>> {
+        match (layer, head) {
+            (None, _) => Some(self.mean()),
+            (Some(l), Some(h)) if l == self.head_layer => self.heads.get(h).cloned(),
+            (Some(l), _) => self.layers.get(l).cloned(),
+        }
+    }
+}
+
 /// An RGB image, 8 bits per channel, row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
