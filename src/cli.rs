@@ -55,6 +55,9 @@ pub struct LocalityArgs {
     /// Class ids (comma separated); default: 16 classes spread over the model's range.
     #[arg(long, value_delimiter = ',')]
     pub class: Vec<u32>,
+    /// Prompts (matched to classes; repeat the flag for several).
+    #[arg(long)]
+    pub prompt: Vec<String>,
     /// NTP samples (seeds 0..N) per class.
     #[arg(long, default_value_t = 1)]
     pub samples: u64,
@@ -481,12 +484,16 @@ pub fn run_locality(args: &LocalityArgs) -> anyhow::Result<()> {
     let device = weights::parse_device(&args.device)?;
     let mut model = load_model(args.model.as_deref(), &device)?;
     let n = model.manifest.gpt.num_classes.max(1) as u32;
-    let classes: Vec<u32> = if args.class.is_empty() {
-        spread_classes(n, 16)
-    } else {
-        args.class.clone()
-    };
-    let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
+    let mut conds: Vec<Condition> = args.class.iter().map(|&c| Condition::Class(c)).collect();
+    for p in &args.prompt {
+        conds.push(condition_for(&model, None, Some(p))?);
+    }
+    if conds.is_empty() {
+        conds = spread_classes(n, 16)
+            .into_iter()
+            .map(Condition::Class)
+            .collect();
+    }
     let base = base_params(&model, args.cfg, false)?;
     let bar = indicatif::ProgressBar::new(conds.len() as u64 * args.samples.max(1));
     bar.set_style(
@@ -503,7 +510,7 @@ pub fn run_locality(args: &LocalityArgs) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     println!(
-        "{} NTP samples ({} classes x {} seeds), {}, cfg {}; attention averaged over heads and layers",
+        "{} NTP samples ({} conditions x {} seeds), {}, cfg {}; attention averaged over heads and layers",
         conds.len() as u64 * args.samples.max(1),
         conds.len(),
         args.samples.max(1),

@@ -283,6 +283,18 @@ fn corpus() -> Vec<Case> {
             "temperature",
         ),
         case("top-p above 1", good(), &["--top-p", "1.5"], "top-p"),
+        case(
+            "exact mode, window 1",
+            good(),
+            &["--mode", "exact", "--window", "1"],
+            "window",
+        ),
+        case(
+            "attention in the adaptive mode",
+            good(),
+            &["--mode", "adaptive", "--attention"],
+            "--attention",
+        ),
         case("negative CFG", good(), &["--cfg=-1"], "cfg"),
         case(
             "unknown device",
