@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::bench::{self, Setting};
 use crate::decode::{Flow, GenerateParams, Mode, Sampling, generate};
 use crate::export;
-use crate::model::llamagen::LlamaGen;
-use crate::model::{Condition, ImageArModel};
+use crate::model::Condition;
+use crate::model::registry::{self, LoadedModel};
 use crate::prompt::ClassIndex;
 use crate::weights::{self, ResolvedDefaults};
 
@@ -282,20 +282,20 @@ impl GenerateArgs {
 /// The condition asked for on the command line; a prompt is matched to a class name and the
 /// choice is printed (with a warning when the match is weak).
 pub fn condition_for(
-    model: &LlamaGen,
+    model: &LoadedModel,
     class: Option<u32>,
     prompt: Option<&str>,
 ) -> anyhow::Result<Condition> {
     match (class, prompt) {
         (Some(c), _) => Ok(Condition::Class(c)),
         (None, Some(p)) => {
-            let Some(file) = &model.manifest.classes else {
+            let Some(file) = &model.card.classes else {
                 anyhow::bail!(
                     "this model has no class names to match the prompt {} against: use --class",
                     crate::prompt::shown(p)
                 );
             };
-            let index = ClassIndex::load(&model.dir.join(file))?;
+            let index = ClassIndex::load(file)?;
             let Some(m) = index.best(p) else {
                 anyhow::bail!(
                     "no class matches the prompt {}: try other words or --class",
@@ -323,7 +323,7 @@ pub fn condition_for(
 pub fn load_model(
     dir: Option<&std::path::Path>,
     device: &candle_core::Device,
-) -> anyhow::Result<LlamaGen> {
+) -> anyhow::Result<LoadedModel> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
         None => {
@@ -337,22 +337,22 @@ pub fn load_model(
         }
     };
     // Say what is being read when it is large enough to take a while.
-    let summary = crate::model::llamagen::load_summary(&dir, device)?;
+    let summary = registry::summary(&dir, device)?;
     if summary.weight_bytes > 200_000_000 {
         eprintln!("loading {}", summary.text);
     }
-    Ok(LlamaGen::load(&dir, device)?)
+    Ok(registry::open(&dir, device)?)
 }
 
 /// NTP, then ZipAR for each window, adaptive for each minimum window, exact for each window.
 fn settings_list(
-    model: &LlamaGen,
+    model: &LoadedModel,
     windows: &[usize],
     adaptive: &[usize],
     exact: &[usize],
 ) -> anyhow::Result<Vec<Setting>> {
-    let (_, w) = model.grid();
-    let range = crate::decode::schedule::window_range(model.layout(), w);
+    let (_, w) = model.model.grid();
+    let range = crate::decode::schedule::window_range(model.model.layout(), w);
     let mut settings = vec![Setting {
         mode: Mode::Ntp,
         window: w,
@@ -376,8 +376,12 @@ fn settings_list(
 
 /// The decoding settings `bench` and `eval` start from: the model's recommendations, with
 /// the CFG scale and greedy decoding as asked.
-fn base_params(model: &LlamaGen, cfg: Option<f32>, greedy: bool) -> anyhow::Result<GenerateParams> {
-    let d = model.manifest.defaults.resolve();
+fn base_params(
+    model: &LoadedModel,
+    cfg: Option<f32>,
+    greedy: bool,
+) -> anyhow::Result<GenerateParams> {
+    let d = model.card.defaults.resolve();
     let base = GenerateParams {
         cfg_scale: cfg.unwrap_or(d.cfg),
         sampling: Sampling::from_flags(greedy, d.temperature, d.top_k, d.top_p),
@@ -410,14 +414,11 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     }
     let device = weights::parse_device(&args.device)?;
     let mut model = load_model(args.model.as_deref(), &device)?;
-    let classifier = match &model.manifest.classifier {
-        Some(f) => Some(crate::model::classifier::Classifier::load(
-            &model.dir.join(f),
-            &device,
-        )?),
+    let classifier = match &model.card.classifier {
+        Some(f) => Some(crate::model::classifier::Classifier::load(f, &device)?),
         None => None,
     };
-    let n = model.manifest.gpt.num_classes.max(1) as u32;
+    let n = model.card.num_classes.max(1) as u32;
     let classes: Vec<u32> = match (&classifier, args.class.is_empty()) {
         (_, false) => args.class.clone(),
         (Some(c), true) => (0..n).step_by(c.class_stride.max(1) as usize).collect(),
@@ -436,7 +437,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let results = crate::eval::run_eval(
-        &mut model,
+        model.model.as_mut(),
         &conds,
         base,
         &settings,
@@ -483,7 +484,7 @@ pub fn run_locality(args: &LocalityArgs) -> anyhow::Result<()> {
     }
     let device = weights::parse_device(&args.device)?;
     let mut model = load_model(args.model.as_deref(), &device)?;
-    let n = model.manifest.gpt.num_classes.max(1) as u32;
+    let n = model.card.num_classes.max(1) as u32;
     let mut conds: Vec<Condition> = args.class.iter().map(|&c| Condition::Class(c)).collect();
     for p in &args.prompt {
         conds.push(condition_for(&model, None, Some(p))?);
@@ -501,7 +502,7 @@ pub fn run_locality(args: &LocalityArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let summary = crate::locality::measure(
-        &mut model,
+        model.model.as_mut(),
         &conds,
         base,
         args.samples.max(1),
@@ -548,7 +549,7 @@ pub fn run_acceptance(args: &AcceptanceArgs) -> anyhow::Result<()> {
     let device = weights::parse_device(&args.device)?;
     // An out-of-range window is refused by the schedule before any sample is drawn.
     let mut model = load_model(args.model.as_deref(), &device)?;
-    let n = model.manifest.gpt.num_classes.max(1) as u32;
+    let n = model.card.num_classes.max(1) as u32;
     let classes: Vec<u32> = if args.class.is_empty() {
         spread_classes(n, 32)
     } else {
@@ -562,10 +563,14 @@ pub fn run_acceptance(args: &AcceptanceArgs) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} NTP samples, {eta} left")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let results =
-        crate::acceptance::measure(&mut model, &conds, base, &args.windows, &seeds, &mut || {
-            bar.inc(1)
-        })?;
+    let results = crate::acceptance::measure(
+        model.model.as_mut(),
+        &conds,
+        base,
+        &args.windows,
+        &seeds,
+        &mut || bar.inc(1),
+    )?;
     bar.finish_and_clear();
     println!(
         "{} NTP samples ({} classes x {} seeds), {}, cfg {}, hide unwritten slots {}",
@@ -600,7 +605,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let settings = settings_list(&model, &args.windows, &args.adaptive, &args.exact)?;
     let base = base_params(&model, args.cfg, args.greedy)?;
-    let results = bench::run_bench(&mut model, &conds, base, &settings, &args.seeds)?;
+    let results = bench::run_bench(model.model.as_mut(), &conds, base, &settings, &args.seeds)?;
     println!(
         "{} images per setting ({} conditions x {} seeds), device {}, {}, cfg {}; {} build, {} threads",
         conds.len() * args.seeds.len(),
@@ -640,17 +645,18 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     let device = weights::parse_device(&args.device)?;
     let mut model = load_model(args.model.as_deref(), &device)?;
-    let params = args.params(&model.manifest.defaults.resolve());
+    let params = args.params(&model.card.defaults.resolve());
     params.sampling.validate()?;
     crate::decode::sampling::validate_cfg(params.cfg_scale)?;
     let cond = condition_for(&model, args.class, args.prompt.as_deref())?;
-    let schedule = crate::decode::engine::schedule_for(&model, params.mode, params.window)?;
+    let schedule =
+        crate::decode::engine::schedule_for(model.model.as_ref(), params.mode, params.window)?;
     if args.attention {
         anyhow::ensure!(
             matches!(params.mode, Mode::Ntp | Mode::Zipar),
             "--attention records NTP and fixed-window ZipAR runs only"
         );
-        model.set_attention_capture(Some(0));
+        model.model.set_attention_capture(Some(0));
     }
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
@@ -661,13 +667,13 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} passes {elapsed_precise}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let trace = generate(&mut model, &cond, &params, &mut |_| {
+    let trace = generate(model.model.as_mut(), &cond, &params, &mut |_| {
         bar.inc(1);
         Flow::Continue
     })?;
     bar.finish_and_clear();
     let t0 = std::time::Instant::now();
-    let img = model.decode_image(&trace.tokens)?;
+    let img = model.model.decode_image(&trace.tokens)?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
     export::write_png(&img, &args.out)?;
     if let Some(t) = &args.trace {

@@ -13,8 +13,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::decode::engine::{EngineError, schedule_for};
 use crate::decode::{DecodeTrace, Flow, GenerateParams, Mode, PassReport, generate};
-use crate::model::llamagen::LlamaGen;
 use crate::model::palette::CodePalette;
+use crate::model::registry;
 use crate::model::{Condition, ImageArModel, ImageDecoder, RgbImage};
 use crate::prompt::ClassIndex;
 use crate::weights;
@@ -106,7 +106,7 @@ pub enum Event {
     Loading {
         /// Job id.
         job: JobId,
-        /// One line, see [`crate::model::llamagen::load_summary`].
+        /// One line, see [`crate::model::registry::summary`].
         detail: String,
     },
     /// A model could not be loaded; the previous one (if any) stays.
@@ -242,7 +242,7 @@ struct Worker {
     events: Sender<Event>,
     wake: Arc<dyn Fn() + Send + Sync>,
     cancel_below: Arc<AtomicU64>,
-    model: Option<LlamaGen>,
+    model: Option<Box<dyn ImageArModel>>,
     palettes: Sender<PaletteJob>,
     /// Set while a run decodes: the palette thread waits, so the run has the cores.
     busy: Arc<AtomicBool>,
@@ -333,28 +333,24 @@ impl Worker {
         let t0 = Instant::now();
         let dev = weights::parse_device(device)?;
         let dir = source.dir();
-        let detail = crate::model::llamagen::load_summary(&dir, &dev)?.text;
+        let detail = registry::summary(&dir, &dev)?.text;
         self.emit(Event::Loading { job, detail });
-        let model = LlamaGen::load(&dir, &dev)?;
-        let classes = match &model.manifest.classes {
-            Some(f) => Some(Arc::new(ClassIndex::load(&dir.join(f))?)),
+        let registry::LoadedModel { model, card } = registry::open(&dir, &dev)?;
+        let classes = match &card.classes {
+            Some(f) => Some(Arc::new(ClassIndex::load(f)?)),
             None => None,
         };
         let grid = model.grid();
         let info = ModelInfo {
-            name: model.manifest.name.clone().unwrap_or_else(|| {
-                dir.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "model".into())
-            }),
+            name: card.name,
             dir,
             grid,
             windows: crate::decode::schedule::window_range(model.layout(), grid.1),
             classes,
-            num_classes: model.manifest.gpt.num_classes,
+            num_classes: card.num_classes,
             device: device.to_string(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
-            defaults: model.manifest.defaults,
+            defaults: card.defaults,
         };
         self.model = Some(model);
         Ok(info)
@@ -367,7 +363,7 @@ impl Worker {
         params: &GenerateParams,
         attention: Option<usize>,
     ) -> Result<(DecodeTrace, RgbImage), GenError> {
-        let Some(model) = self.model.as_mut() else {
+        let Some(model) = self.model.as_deref_mut() else {
             return Err(GenError::Other("no model is loaded".into()));
         };
         let capture = matches!(params.mode, Mode::Ntp | Mode::Zipar);

@@ -6,6 +6,7 @@ pub mod dense;
 pub mod kv;
 pub mod llamagen;
 pub mod palette;
+pub mod registry;
 
 use crate::decode::schedule::Layout;
 

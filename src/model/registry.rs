@@ -1,0 +1,83 @@
+//! The model registry: a model folder's `config.json` names its `kind`, and the kind picks the
+//! loader. Callers (the worker, the CLI, bench, eval) get a `Box<dyn ImageArModel>` and a
+//! [`ModelCard`]: what they need to know about the model without naming its type.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use super::ImageArModel;
+use super::llamagen::{self, LlamaGen};
+use crate::weights::{Manifest, ModelKind, SamplingDefaults, WeightsError};
+
+/// What callers know about a loaded model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelCard {
+    /// Display name (the manifest's, else the folder's).
+    pub name: String,
+    /// The model folder.
+    pub dir: PathBuf,
+    /// Architecture.
+    pub kind: ModelKind,
+    /// Token grid (rows, columns).
+    pub grid: (usize, usize),
+    /// Classes of a class-conditional model (0 for a caption-conditioned one).
+    pub num_classes: usize,
+    /// Class names for prompt matching (`classes.json`), when the model has them.
+    pub classes: Option<PathBuf>,
+    /// The image classifier `eval` scores with, when the model ships one.
+    pub classifier: Option<PathBuf>,
+    /// Decoding settings the model's authors recommend.
+    pub defaults: SamplingDefaults,
+}
+
+/// A model and its card.
+pub struct LoadedModel {
+    /// The model, behind the decoder's trait.
+    pub model: Box<dyn ImageArModel>,
+    /// What it is.
+    pub card: ModelCard,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("card", &self.card)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What loading `dir` will read and roughly take in memory.
+pub fn summary(dir: &Path, device: &Device) -> Result<llamagen::LoadSummary, WeightsError> {
+    let manifest = Manifest::read(dir)?;
+    match manifest.kind {
+        ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => llamagen::load_summary(dir, device),
+    }
+}
+
+/// Loads the model folder `dir` onto `device` with the loader of its kind.
+pub fn open(dir: &Path, device: &Device) -> Result<LoadedModel, WeightsError> {
+    let manifest = Manifest::read(dir)?;
+    let card = card(dir, &manifest);
+    let model: Box<dyn ImageArModel> = match manifest.kind {
+        ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => Box::new(LlamaGen::load(dir, device)?),
+    };
+    Ok(LoadedModel { model, card })
+}
+
+fn card(dir: &Path, m: &Manifest) -> ModelCard {
+    ModelCard {
+        name: m.name.clone().unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        }),
+        dir: dir.to_path_buf(),
+        kind: m.kind,
+        grid: (m.grid_h, m.grid_w),
+        num_classes: m.gpt.num_classes,
+        classes: m.classes.as_ref().map(|f| dir.join(f)),
+        classifier: m.classifier.as_ref().map(|f| dir.join(f)),
+        defaults: m.defaults,
+    }
+}
