@@ -273,6 +273,14 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
     if !path.is_file() {
         return Err(WeightsError::MissingFile(path.to_path_buf()));
     }
+    if let Some(shards) = shard_files(path)? {
+        // A sharded checkpoint: `*.safetensors.index.json` maps each tensor to its shard.
+        let mut out = HashMap::new();
+        for shard in shards {
+            out.extend(read_tensors(&shard)?);
+        }
+        return Ok(out);
+    }
     let corrupt = |e: candle_core::Error| WeightsError::Corrupt {
         path: path.to_path_buf(),
         msg: first_line(&e.to_string()),
@@ -437,6 +445,51 @@ pub fn var_builder(
 ) -> Result<VarBuilder<'static>, WeightsError> {
     let tensors = read_tensors(path)?;
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+/// The shard files of a sharded safetensors checkpoint (`*.index.json`, whose `weight_map`
+/// maps tensor names to files next to it), in order; `None` for any other file.
+pub fn shard_files(path: &Path) -> Result<Option<Vec<PathBuf>>, WeightsError> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !name.to_ascii_lowercase().ends_with(".index.json") {
+        return Ok(None);
+    }
+    let corrupt = |msg: String| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| corrupt(e.to_string()))?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| corrupt(format!("not a JSON index: {e}")))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| corrupt("the index has no \"weight_map\" object".into()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| corrupt(format!("the shard of {tensor} is not a file name")))?;
+        let f = dir.join(file);
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    if files.is_empty() {
+        return Err(WeightsError::Empty(path.to_path_buf()));
+    }
+    files.sort();
+    Ok(Some(files))
+}
+
+/// Bytes of a weights file, or of all its shards for a sharded index.
+pub fn weight_bytes(path: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    match shard_files(path) {
+        Ok(Some(shards)) => shards.iter().map(|p| size(p)).sum(),
+        _ => size(path),
+    }
 }
 
 /// Wraps a module-building error as a mismatch of `path`.

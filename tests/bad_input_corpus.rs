@@ -406,3 +406,59 @@ fn every_bad_input_gets_one_line_and_exit_code_2_and_leaves_no_file() {
         failures.join("\n")
     );
 }
+
+/// A checkpoint split into shards with a `*.safetensors.index.json` (as 7B checkpoints come)
+/// loads through the registry and decodes the same tokens as the single file; a missing
+/// shard is named.
+#[test]
+fn a_sharded_checkpoint_loads_like_the_single_file() {
+    use zipar_studio::decode::{Flow, GenerateParams, Mode, Sampling, generate};
+    use zipar_studio::model::Condition;
+    use zipar_studio::model::registry;
+    let dir = model_with(|d| {
+        let all =
+            candle_core::safetensors::load(d.join("gpt.safetensors"), &Device::Cpu).expect("load");
+        let mut names: Vec<&String> = all.keys().collect();
+        names.sort();
+        let mut map = serde_json::Map::new();
+        let mut shards = [HashMap::new(), HashMap::new()];
+        for (i, name) in names.iter().enumerate() {
+            let file = format!("gpt-0000{}-of-00002.safetensors", i % 2 + 1);
+            shards[i % 2].insert((*name).clone(), all[*name].clone());
+            map.insert((*name).clone(), file.into());
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            let file = d.join(format!("gpt-0000{}-of-00002.safetensors", i + 1));
+            candle_core::safetensors::save(shard, file).expect("save shard");
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+        std::fs::write(d.join("gpt.safetensors.index.json"), index.to_string()).expect("index");
+        std::fs::remove_file(d.join("gpt.safetensors")).expect("rm");
+        edit_config(d, |c| {
+            c["gpt_weights"] = "gpt.safetensors.index.json".into()
+        });
+    });
+    let params = GenerateParams {
+        mode: Mode::Zipar,
+        window: 3,
+        cfg_scale: 2.0,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        mask_unwritten: false,
+    };
+    let tokens = |path: &Path| {
+        let mut m = registry::open(path, &Device::Cpu).expect("loads");
+        generate(m.model.as_mut(), &Condition::Class(3), &params, &mut |_| {
+            Flow::Continue
+        })
+        .expect("generates")
+        .tokens
+    };
+    assert_eq!(tokens(dir.path()), tokens(&fixture("tiny")));
+    std::fs::remove_file(dir.path().join("gpt-00002-of-00002.safetensors")).expect("rm");
+    let err = registry::open(dir.path(), &Device::Cpu).expect_err("a shard is missing");
+    assert!(
+        err.to_string().contains("gpt-00002-of-00002.safetensors"),
+        "{err}"
+    );
+}

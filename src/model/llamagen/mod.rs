@@ -54,7 +54,7 @@ pub struct LoadSummary {
 /// The [`LoadSummary`] of loading `dir` onto `device`.
 pub fn load_summary(dir: &Path, device: &Device) -> Result<LoadSummary, WeightsError> {
     let m = Manifest::read(dir)?;
-    let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |md| md.len());
+    let size = |f: &str| weights::weight_bytes(&dir.join(f));
     let (gpt_bytes, vq_bytes) = (size(&m.gpt_weights), size(&m.vq_weights));
     let dtype = gpt_dtype(device);
     let params = m.gpt.num_params();
