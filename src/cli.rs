@@ -126,6 +126,12 @@ pub struct EvalArgs {
     /// Classifier-free guidance scale (also used for scoring); default: the model's.
     #[arg(long)]
     pub cfg: Option<f32>,
+    /// Sampling temperature (also used for the z-score); default: the model's.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Top-k (0 = off); default: the model's.
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -430,7 +436,15 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         .samples
         .unwrap_or(if classifier.is_some() { 1 } else { 2 });
     let seeds: Vec<u64> = (0..samples.max(1)).collect();
-    let base = base_params(&model, args.cfg, false)?;
+    let mut base = base_params(&model, args.cfg, false)?;
+    if let Sampling::Random {
+        temperature, top_k, ..
+    } = &mut base.sampling
+    {
+        *temperature = args.temperature.unwrap_or(*temperature);
+        *top_k = args.top_k.unwrap_or(*top_k);
+    }
+    base.sampling.validate()?;
     let bar = indicatif::ProgressBar::new((conds.len() * seeds.len() * settings.len()) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images, {eta} left")
