@@ -1,7 +1,9 @@
-//! Reading weights: original LlamaGen `.pt` pickles (through candle's pickle reader) and
-//! `.safetensors` with the same key names, plus the model-directory manifest.
+//! Reading weights: original LlamaGen `.pt` pickles (through candle's pickle reader),
+//! `.safetensors` and sharded `*.safetensors.index.json` checkpoints, plus what every model
+//! folder's manifest shares (its kind and name, the recommended decoding settings).
 //!
 //! A model is a directory holding `config.json` (the manifest) and the weight files it names.
+//! Each architecture reads the rest of its manifest itself (`model::llamagen::Manifest`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,8 +11,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
-
-use crate::model::llamagen::{GptConfig, VqConfig};
 
 /// Problems with a model directory or weight file, each naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -72,37 +72,51 @@ pub enum ModelKind {
     LlamagenT2i,
 }
 
-/// The manifest `config.json` of a model directory.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+/// What every model folder's `config.json` says first: its architecture and name. The
+/// registry reads this to pick the loader, which reads the rest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ModelHeader {
     /// Architecture.
     pub kind: ModelKind,
     /// Display name.
     #[serde(default)]
     pub name: Option<String>,
-    /// GPT weights, relative to the directory (`.pt`, `.pth` or `.safetensors`).
-    pub gpt_weights: String,
-    /// VQ tokenizer weights, relative to the directory.
-    pub vq_weights: String,
-    /// Token grid rows.
-    pub grid_h: usize,
-    /// Token grid columns.
-    pub grid_w: usize,
-    /// GPT sizes, at the top level of the manifest.
-    #[serde(flatten)]
-    pub gpt: GptConfig,
-    /// VQ sizes.
-    pub vq: VqConfig,
-    /// Class names for prompt matching (`classes.json`), when the model has them.
-    #[serde(default)]
-    pub classes: Option<String>,
-    /// The image classifier `eval` scores images with (`classifier.safetensors`), when the
-    /// model ships one.
-    #[serde(default)]
-    pub classifier: Option<String>,
-    /// Decoding settings the model's authors recommend (used until the user sets others).
-    #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
-    pub defaults: SamplingDefaults,
+}
+
+/// The path of `dir`'s manifest, or the error for a folder without one.
+pub fn manifest_path(dir: &Path) -> Result<PathBuf, WeightsError> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(WeightsError::NoManifest(dir.to_path_buf()));
+    }
+    Ok(path)
+}
+
+/// Reads the [`ModelHeader`] of `dir/config.json`.
+pub fn read_header(dir: &Path) -> Result<ModelHeader, WeightsError> {
+    let path = manifest_path(dir)?;
+    let bad = |msg: String| WeightsError::BadManifest {
+        path: path.clone(),
+        msg,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
+/// 1234567 -> "1.2 MB".
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 4] = ["B", "KB", "MB", "GB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < UNITS.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", UNITS[i])
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
 }
 
 /// Recommended decoding settings of a model (`"defaults"` in `config.json`); every field is
@@ -175,89 +189,6 @@ pub struct ResolvedDefaults {
     pub window: usize,
     /// Hide never-written cache slots from attention.
     pub mask_unwritten: bool,
-}
-
-impl Manifest {
-    /// Reads `dir/config.json` and checks it.
-    pub fn read(dir: &Path) -> Result<Self, WeightsError> {
-        let path = dir.join("config.json");
-        if !path.is_file() {
-            return Err(WeightsError::NoManifest(dir.to_path_buf()));
-        }
-        let bad = |msg: String| WeightsError::BadManifest {
-            path: path.clone(),
-            msg,
-        };
-        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        m.gpt.validate().map_err(&bad)?;
-        m.vq.validate().map_err(&bad)?;
-        crate::model::llamagen::config::bounded("grid_h", m.grid_h, 1, 512)
-            .and_then(|()| crate::model::llamagen::config::bounded("grid_w", m.grid_w, 1, 512))
-            .map_err(&bad)?;
-        if let Some(need) = m.memory_needed()
-            && let Some(have) = available_memory()
-            && need > have
-        {
-            return Err(bad(format!(
-                "this model needs about {} (weights in f32, KV cache, VQ decoder) but only {} of memory is available",
-                crate::model::llamagen::human_bytes(need as f64),
-                crate::model::llamagen::human_bytes(have as f64)
-            )));
-        }
-        if m.gpt.vocab_size != m.vq.codebook_size {
-            return Err(bad(format!(
-                "vocab_size {} differs from the VQ codebook size {}",
-                m.gpt.vocab_size, m.vq.codebook_size
-            )));
-        }
-        let d = m.defaults.resolve();
-        crate::decode::sampling::Sampling::from_flags(false, d.temperature, d.top_k, d.top_p)
-            .validate()
-            .and_then(|()| crate::decode::sampling::validate_cfg(d.cfg))
-            .map_err(|e| bad(format!("defaults: {e}")))?;
-        let windows = crate::decode::schedule::window_range(
-            crate::decode::schedule::Layout::Raster,
-            m.grid_w,
-        );
-        if !windows.contains(&d.window) {
-            return Err(bad(format!(
-                "defaults: window {} is out of range: it must be between 2 and {}",
-                d.window, m.grid_w
-            )));
-        }
-        match (m.kind, m.gpt.caption_dim) {
-            (ModelKind::LlamagenT2i, None) => {
-                return Err(bad("a llamagen-t2i model needs caption_dim".into()));
-            }
-            (ModelKind::LlamagenC2i, Some(_)) => {
-                return Err(bad("a llamagen-c2i model has no caption_dim".into()));
-            }
-            _ => {}
-        }
-        Ok(m)
-    }
-}
-
-impl Manifest {
-    /// Rough memory a CPU run needs, in bytes: the GPT in f32, its KV cache (both CFG
-    /// halves), and the VQ decoder's largest activations; `None` on overflow.
-    pub fn memory_needed(&self) -> Option<u64> {
-        let g = &self.gpt;
-        let slots = (g.cls_token_num as u64)
-            .checked_add((self.grid_h as u64).checked_mul(self.grid_w as u64)?)?;
-        let weights = (g.num_params() as u64).checked_mul(4)?;
-        let kv = 2u64 * 2 * g.n_layer as u64 * slots * g.dim as u64 * 4;
-        let ds = self.vq.downsample() as u64;
-        let (ph, pw) = (self.grid_h as u64 * ds, self.grid_w as u64 * ds);
-        let widest = self.vq.ch as u64 * self.vq.ch_mult.iter().copied().max().unwrap_or(1) as u64;
-        // a few live activation maps at full resolution, plus im2col scratch
-        let vq = ph
-            .checked_mul(pw)?
-            .checked_mul(widest)?
-            .checked_mul(4 * 6)?;
-        weights.checked_add(kv)?.checked_add(vq)
-    }
 }
 
 /// Memory the system can still give this process (Linux: MemAvailable), if known.

@@ -36,7 +36,7 @@ fn builtin_model_loads_matches_prompts_and_generates() {
 #[test]
 fn load_summary_counts_exactly_the_weights_in_the_file() {
     let dir = zipar_studio::default_model_dir();
-    let manifest = zipar_studio::weights::Manifest::read(&dir).expect("manifest");
+    let manifest = zipar_studio::model::llamagen::Manifest::read(&dir).expect("manifest");
     let tensors =
         zipar_studio::weights::read_tensors(&dir.join(&manifest.gpt_weights)).expect("weights");
     let stored: usize = tensors.values().map(|t| t.elem_count()).sum();

@@ -310,7 +310,7 @@ fn candle_attention_path_agrees_with_the_cpu_kernels() {
     use candle_core::DType;
     use zipar_studio::model::llamagen::Gpt;
     let dir = fixture("tiny");
-    let manifest = zipar_studio::weights::Manifest::read(&dir).expect("manifest");
+    let manifest = zipar_studio::model::llamagen::Manifest::read(&dir).expect("manifest");
     let path = dir.join(&manifest.gpt_weights);
     let build = |dtype: DType| {
         let vb = zipar_studio::weights::var_builder(&path, dtype, &Device::Cpu).expect("weights");

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use super::ImageArModel;
-use super::llamagen::{self, LlamaGen};
-use crate::weights::{Manifest, ModelKind, SamplingDefaults, WeightsError};
+use super::llamagen::{self, LlamaGen, Manifest};
+use crate::weights::{ModelKind, SamplingDefaults, WeightsError, read_header};
 
 /// What callers know about a loaded model.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,20 +49,23 @@ impl std::fmt::Debug for LoadedModel {
 
 /// What loading `dir` will read and roughly take in memory.
 pub fn summary(dir: &Path, device: &Device) -> Result<llamagen::LoadSummary, WeightsError> {
-    let manifest = Manifest::read(dir)?;
-    match manifest.kind {
+    match read_header(dir)?.kind {
         ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => llamagen::load_summary(dir, device),
     }
 }
 
 /// Loads the model folder `dir` onto `device` with the loader of its kind.
 pub fn open(dir: &Path, device: &Device) -> Result<LoadedModel, WeightsError> {
-    let manifest = Manifest::read(dir)?;
-    let card = card(dir, &manifest);
-    let model: Box<dyn ImageArModel> = match manifest.kind {
-        ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => Box::new(LlamaGen::load(dir, device)?),
-    };
-    Ok(LoadedModel { model, card })
+    match read_header(dir)?.kind {
+        ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => {
+            let model = LlamaGen::load(dir, device)?;
+            let card = card(dir, &model.manifest);
+            Ok(LoadedModel {
+                model: Box::new(model),
+                card,
+            })
+        }
+    }
 }
 
 fn card(dir: &Path, m: &Manifest) -> ModelCard {

@@ -3,11 +3,13 @@
 
 pub mod config;
 pub mod gpt;
+pub mod manifest;
 pub mod rope2d;
 pub mod vq;
 
 pub use config::{GptConfig, VqConfig};
 pub use gpt::Gpt;
+pub use manifest::Manifest;
 pub use vq::VqDecoder;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use crate::decode::schedule::Layout;
 use crate::model::{
     Condition, ImageArModel, ImageDecoder, ModelInput, PassLogits, RgbImage, RunOptions,
 };
-use crate::weights::{self, Manifest, WeightsError};
+use crate::weights::{self, WeightsError, human_bytes};
 
 /// A LlamaGen GPT with its VQ decoder, loaded from a model directory.
 #[derive(Debug)]
@@ -80,22 +82,6 @@ fn device_name(d: &Device) -> &'static str {
         Device::Cpu => "cpu",
         Device::Cuda(_) => "cuda",
         Device::Metal(_) => "metal",
-    }
-}
-
-/// 1234567 -> "1.2 MB".
-pub fn human_bytes(b: f64) -> String {
-    const UNITS: [&str; 4] = ["B", "KB", "MB", "GB"];
-    let mut v = b;
-    let mut i = 0;
-    while v >= 1000.0 && i + 1 < UNITS.len() {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{v:.0} {}", UNITS[i])
-    } else {
-        format!("{v:.1} {}", UNITS[i])
     }
 }
 
