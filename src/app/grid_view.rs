@@ -367,10 +367,31 @@ fn fate_legend_ui(ui: &mut egui::Ui, run: &RunView) {
     });
 }
 
+/// A fixed plot under a grid: no zoom, drag or scroll, y from 0, labelled axes.
+fn small_plot<'a>(
+    id: impl std::hash::Hash + std::fmt::Debug,
+    width: f32,
+    height: f32,
+    x_label: &str,
+    y_label: &str,
+) -> egui_plot::Plot<'a> {
+    egui_plot::Plot::new(id)
+        .width(width)
+        .height(height)
+        .allow_zoom(false)
+        .allow_drag(false)
+        .allow_scroll(false)
+        .allow_boxed_zoom(false)
+        .include_y(0.0)
+        .x_axis_label(x_label.to_string())
+        .y_axis_label(y_label.to_string())
+        .y_axis_min_width(28.0)
+}
+
 /// NTP run with attention: how many tokens need each window (the paper's Figure 5) and the
 /// window that covers 90% of them.
 pub fn needed_window_plot_ui(ui: &mut egui::Ui, run: &RunView, pick: AttentionPick, width: f32) {
-    use egui_plot::{Bar, BarChart, Plot};
+    use egui_plot::{Bar, BarChart};
     let (h, w) = run.grid;
     if run.params.mode != crate::decode::Mode::Ntp || h < 2 {
         return;
@@ -396,55 +417,41 @@ pub fn needed_window_plot_ui(ui: &mut egui::Ui, run: &RunView, pick: AttentionPi
         "needed window, rows 1-{}: 90% of tokens need at most {cover}",
         h - 1
     ));
-    Plot::new(("needed_windows", run.job))
-        .width(width)
-        .height(72.0)
-        .allow_zoom(false)
-        .allow_drag(false)
-        .allow_scroll(false)
-        .allow_boxed_zoom(false)
-        .include_x(0.5)
-        .include_x(w as f64 + 0.5)
-        .include_y(0.0)
-        .x_axis_label("needed window")
-        .y_axis_label("tokens")
-        .y_axis_min_width(28.0)
-        .show(ui, |p| {
-            let bars = (1..=w)
-                .map(|s| {
-                    let c = colormap::scaled(s as f32, 1.0, w as f32);
-                    Bar::new(s as f64, counts[s] as f64)
-                        .width(0.8)
-                        .fill(color(c))
-                })
-                .collect();
-            p.bar_chart(BarChart::new("tokens per needed window", bars));
-        });
+    small_plot(
+        ("needed_windows", run.job),
+        width,
+        72.0,
+        "needed window",
+        "tokens",
+    )
+    .include_x(0.5)
+    .include_x(w as f64 + 0.5)
+    .show(ui, |p| {
+        let bars = (1..=w)
+            .map(|s| {
+                let c = colormap::scaled(s as f32, 1.0, w as f32);
+                Bar::new(s as f64, counts[s] as f64)
+                    .width(0.8)
+                    .fill(color(c))
+            })
+            .collect();
+        p.bar_chart(BarChart::new("tokens per needed window", bars));
+    });
 }
 
 /// Exact mode, finished: the share of tested drafts accepted in each row, and how many drafts
 /// each pass accepted (its accepted run), with the replay position.
 pub fn exact_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: f32) {
-    use egui_plot::{Bar, BarChart, Plot, VLine};
+    use egui_plot::{Bar, BarChart, VLine};
     let Some(rec) = run.trace.as_ref().and_then(|t| t.exact.as_ref()) else {
         return;
     };
     let (h, w) = run.grid;
     let green = FATES[0].1;
     let plot = |id: &str, x: &str, y: &str, n: usize| {
-        Plot::new((id.to_string(), run.job))
-            .width(width)
-            .height(64.0)
-            .allow_zoom(false)
-            .allow_drag(false)
-            .allow_scroll(false)
-            .allow_boxed_zoom(false)
+        small_plot((id, run.job), width, 64.0, x, y)
             .include_x(0.0)
             .include_x(n as f64)
-            .include_y(0.0)
-            .x_axis_label(x.to_string())
-            .y_axis_label(y.to_string())
-            .y_axis_min_width(28.0)
     };
     plot("accept_by_row", "row", "accepted", h)
         .include_y(1.0)
@@ -485,7 +492,7 @@ pub fn exact_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width:
 /// Tokens per pass and milliseconds per pass (egui_plot: axes, hover values), with the
 /// replay position as a vertical line.
 pub fn pass_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: f32) {
-    use egui_plot::{Bar, BarChart, Line, Plot, PlotPoints, VLine};
+    use egui_plot::{Bar, BarChart, Line, PlotPoints, VLine};
     let n = run.pass_ms.len();
     if n == 0 {
         return;
@@ -493,19 +500,9 @@ pub fn pass_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: 
     let accent = ui.visuals().selection.bg_fill;
     let marker = Color32::from_rgb(255, 80, 200);
     let plot = |id: &str, y_label: &str| {
-        Plot::new((id.to_string(), run.job))
-            .width(width)
-            .height(72.0)
-            .allow_zoom(false)
-            .allow_drag(false)
-            .allow_scroll(false)
-            .allow_boxed_zoom(false)
+        small_plot((id, run.job), width, 72.0, "pass", y_label)
             .include_x(0.0)
             .include_x(n as f64)
-            .include_y(0.0)
-            .x_axis_label("pass")
-            .y_axis_label(y_label.to_string())
-            .y_axis_min_width(28.0)
     };
     plot("tokens_per_pass", "tokens").show(ui, |p| {
         let bars = run
