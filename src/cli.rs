@@ -46,12 +46,32 @@ pub enum Command {
     App(AppArgs),
 }
 
+/// The model folder and device every headless command takes.
+#[derive(Debug, Args)]
+pub struct ModelChoice {
+    /// Model folder (holding config.json); the built-in model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelChoice {
+    /// Parses the device and loads the model onto it.
+    pub fn load(&self) -> anyhow::Result<(LoadedModel, candle_core::Device)> {
+        let device = weights::parse_device(&self.device)?;
+        let model = load_model(self.model.as_deref(), &device)?;
+        Ok((model, device))
+    }
+}
+
 /// `locality` flags.
 #[derive(Debug, Args)]
 pub struct LocalityArgs {
-    /// Model folder; the built-in model when absent.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// Which model, on which device.
+    #[command(flatten)]
+    pub source: ModelChoice,
     /// Class ids (comma separated); default: 16 classes spread over the model's range.
     #[arg(long, value_delimiter = ',')]
     pub class: Vec<u32>,
@@ -67,9 +87,6 @@ pub struct LocalityArgs {
     /// Classifier-free guidance scale; default: the model's.
     #[arg(long)]
     pub cfg: Option<f32>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Write summary.json, needed_windows.png and attention_offsets.png into this folder.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -78,9 +95,9 @@ pub struct LocalityArgs {
 /// `acceptance` flags.
 #[derive(Debug, Args)]
 pub struct AcceptanceArgs {
-    /// Model folder; the built-in model when absent.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// Which model, on which device.
+    #[command(flatten)]
+    pub source: ModelChoice,
     /// Class ids (comma separated); default: 32 classes spread over the model's range.
     #[arg(long, value_delimiter = ',')]
     pub class: Vec<u32>,
@@ -93,9 +110,6 @@ pub struct AcceptanceArgs {
     /// Classifier-free guidance scale; default: the model's.
     #[arg(long)]
     pub cfg: Option<f32>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -104,9 +118,9 @@ pub struct AcceptanceArgs {
 /// `eval` flags.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Model folder; the built-in model when absent.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// Which model, on which device.
+    #[command(flatten)]
+    pub source: ModelChoice,
     /// Class ids (comma separated); default: the classifier's eval subset when the model
     /// ships a classifier, else 8 classes spread over the model's range.
     #[arg(long, value_delimiter = ',')]
@@ -132,9 +146,6 @@ pub struct EvalArgs {
     /// Top-k (0 = off); default: the model's.
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -151,9 +162,9 @@ pub struct AppArgs {
 /// `bench` flags.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model folder; the built-in model when absent.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// Which model, on which device.
+    #[command(flatten)]
+    pub source: ModelChoice,
     /// Class ids to generate (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub class: Vec<u32>,
@@ -178,9 +189,6 @@ pub struct BenchArgs {
     /// Greedy decoding instead of sampling.
     #[arg(long)]
     pub greedy: bool,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -203,9 +211,9 @@ pub enum ModeArg {
 /// `generate` flags (DESIGN.md section 6).
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model folder (holding config.json); the built-in model when absent.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// Which model, on which device.
+    #[command(flatten)]
+    pub source: ModelChoice,
     /// Class id of a class-conditional model.
     #[arg(long)]
     pub class: Option<u32>,
@@ -242,9 +250,6 @@ pub struct GenerateArgs {
     /// else false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub mask_unwritten: Option<bool>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Output image (PNG).
     #[arg(long, default_value = "zipar.png")]
     pub out: PathBuf,
@@ -418,8 +423,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     if let Some(j) = &args.json {
         export::check_writable(j)?;
     }
-    let device = weights::parse_device(&args.device)?;
-    let mut model = load_model(args.model.as_deref(), &device)?;
+    let (mut model, device) = args.source.load()?;
     let classifier = match &model.card.classifier {
         Some(f) => Some(crate::model::classifier::Classifier::load(f, &device)?),
         None => None,
@@ -496,8 +500,7 @@ pub fn run_locality(args: &LocalityArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         export::check_writable(&dir.join("summary.json"))?;
     }
-    let device = weights::parse_device(&args.device)?;
-    let mut model = load_model(args.model.as_deref(), &device)?;
+    let (mut model, _) = args.source.load()?;
     let n = model.card.num_classes.max(1) as u32;
     let mut conds: Vec<Condition> = args.class.iter().map(|&c| Condition::Class(c)).collect();
     for p in &args.prompt {
@@ -560,9 +563,8 @@ pub fn run_acceptance(args: &AcceptanceArgs) -> anyhow::Result<()> {
     if let Some(j) = &args.json {
         export::check_writable(j)?;
     }
-    let device = weights::parse_device(&args.device)?;
     // An out-of-range window is refused by the schedule before any sample is drawn.
-    let mut model = load_model(args.model.as_deref(), &device)?;
+    let (mut model, _) = args.source.load()?;
     let n = model.card.num_classes.max(1) as u32;
     let classes: Vec<u32> = if args.class.is_empty() {
         spread_classes(n, 32)
@@ -608,8 +610,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(j) = &args.json {
         export::check_writable(j)?;
     }
-    let device = weights::parse_device(&args.device)?;
-    let mut model = load_model(args.model.as_deref(), &device)?;
+    let (mut model, _) = args.source.load()?;
     let mut conds: Vec<Condition> = args.class.iter().map(|&c| Condition::Class(c)).collect();
     for p in &args.prompt {
         conds.push(condition_for(&model, None, Some(p))?);
@@ -625,7 +626,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         conds.len() * args.seeds.len(),
         conds.len(),
         args.seeds.len(),
-        args.device,
+        args.source.device,
         base.sampling,
         base.cfg_scale,
         bench::BUILD_PROFILE,
@@ -657,8 +658,7 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     if let Some(t) = &args.trace {
         export::check_writable(t)?;
     }
-    let device = weights::parse_device(&args.device)?;
-    let mut model = load_model(args.model.as_deref(), &device)?;
+    let (mut model, _) = args.source.load()?;
     let params = args.params(&model.card.defaults.resolve());
     params.sampling.validate()?;
     crate::decode::sampling::validate_cfg(params.cfg_scale)?;

@@ -53,39 +53,56 @@ fn load_summary_counts_exactly_the_weights_in_the_file() {
 /// The shipped weights decode to the same greedy tokens as the PyTorch reference
 /// (training/builtin_reference.py, run on the same f16 weights): NTP and ZipAR, with and
 /// without CFG and masking of unwritten slots.
-#[test]
-fn builtin_model_matches_the_pytorch_reference_token_for_token() {
+/// tests/fixtures/builtin_greedy.json (training/builtin_reference.py).
+fn greedy_reference() -> serde_json::Value {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builtin_greedy.json");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
+}
+
+/// Decodes a reference case's class greedily with its CFG scale and masking, in `mode`.
+fn decode_case(
+    model: &mut LlamaGen,
+    case: &serde_json::Value,
+    mode: Mode,
+    window: usize,
+) -> zipar_studio::decode::DecodeTrace {
+    let params = GenerateParams {
+        mode,
+        window,
+        cfg_scale: case["cfg"].as_f64().expect("cfg") as f32,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        mask_unwritten: case["mask_unwritten"].as_bool().expect("mask"),
+    };
+    let class = case["class"].as_u64().expect("class") as u32;
+    generate(model, &Condition::Class(class), &params, &mut |_| {
+        Flow::Continue
+    })
+    .expect("generates")
+}
+
+/// A reference case's tokens.
+fn case_tokens(case: &serde_json::Value) -> Vec<u32> {
+    case["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_u64().expect("token") as u32)
+        .collect()
+}
+
+#[test]
+fn builtin_model_matches_the_pytorch_reference_token_for_token() {
+    let reference = greedy_reference();
     let dir = zipar_studio::default_model_dir();
     let mut model = LlamaGen::load(&dir, &Device::Cpu).expect("built-in model loads");
     for case in reference["cases"].as_array().expect("cases") {
-        let window = case["window"].as_u64().map(|w| w as usize);
-        let params = GenerateParams {
-            mode: if window.is_some() {
-                Mode::Zipar
-            } else {
-                Mode::Ntp
-            },
-            window: window.unwrap_or(16),
-            cfg_scale: case["cfg"].as_f64().expect("cfg") as f32,
-            sampling: Sampling::Greedy,
-            seed: 0,
-            mask_unwritten: case["mask_unwritten"].as_bool().expect("mask"),
+        let trace = match case["window"].as_u64() {
+            Some(w) => decode_case(&mut model, case, Mode::Zipar, w as usize),
+            None => decode_case(&mut model, case, Mode::Ntp, 16),
         };
-        let class = case["class"].as_u64().expect("class") as u32;
-        let trace = generate(&mut model, &Condition::Class(class), &params, &mut |_| {
-            Flow::Continue
-        })
-        .expect("generates");
-        let want: Vec<u32> = case["tokens"]
-            .as_array()
-            .expect("tokens")
-            .iter()
-            .map(|t| t.as_u64().expect("token") as u32)
-            .collect();
+        let want = case_tokens(case);
         let same = trace
             .tokens
             .iter()
@@ -147,10 +164,7 @@ fn builtin_classifier_scores_a_generated_image() {
 /// decoded in the exact mode at windows 4 and 8, give the reference's tokens.
 #[test]
 fn greedy_exact_decoding_gives_the_reference_ntp_tokens() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builtin_greedy.json");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    let reference = greedy_reference();
     let mut model = LlamaGen::load(&zipar_studio::default_model_dir(), &Device::Cpu)
         .expect("built-in model loads");
     let mut checked = 0;
@@ -158,26 +172,10 @@ fn greedy_exact_decoding_gives_the_reference_ntp_tokens() {
         if !case["window"].is_null() {
             continue;
         }
-        let want: Vec<u32> = case["tokens"]
-            .as_array()
-            .expect("tokens")
-            .iter()
-            .map(|t| t.as_u64().expect("token") as u32)
-            .collect();
+        let want = case_tokens(case);
         for window in [4, 8] {
-            let params = GenerateParams {
-                mode: Mode::Exact,
-                window,
-                cfg_scale: case["cfg"].as_f64().expect("cfg") as f32,
-                sampling: Sampling::Greedy,
-                seed: 0,
-                mask_unwritten: case["mask_unwritten"].as_bool().expect("mask"),
-            };
-            let class = case["class"].as_u64().expect("class") as u32;
-            let trace = generate(&mut model, &Condition::Class(class), &params, &mut |_| {
-                Flow::Continue
-            })
-            .expect("generates");
+            let trace = decode_case(&mut model, case, Mode::Exact, window);
+            let class = &case["class"];
             assert_eq!(trace.tokens, want, "class {class}, window {window}");
             assert!(
                 trace.passes < want.len(),

@@ -10,13 +10,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file
 
+from builtin_reference import load_builtin
 from llamagen import Gpt
-from train_gpt import gpt_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ASSETS = os.path.join(HERE, "..", "assets", "models", "emoji")
 OUT = os.path.join(HERE, "..", "tests", "fixtures", "builtin_attention.json")
 HEAD_LAYER = 2
 # (tokens, image positions) of each pass after the prefill
@@ -34,10 +32,7 @@ def record(model: Gpt, n_slots: int):
 
 def main():
     torch.set_num_threads(2)
-    cfg = json.load(open(os.path.join(ASSETS, "config.json")))
-    model = Gpt(gpt_args(cfg["num_classes"])).eval()
-    sd = {k: v.float() for k, v in load_file(os.path.join(ASSETS, "gpt.safetensors")).items()}
-    model.load_state_dict(sd)
+    model, cfg = load_builtin()
     for layer in model.layers:
         layer.attention.record = True
     t = model.args.cls_token_num

@@ -22,12 +22,18 @@ OUT = os.path.join(HERE, "..", "tests", "fixtures", "builtin_greedy.json")
 CASES = [(723, 1.0, None, False), (723, 1.0, 4, True), (567, 2.0, 4, False), (567, 1.0, 2, True)]
 
 
-def main():
-    torch.set_num_threads(2)
+def load_builtin():
+    """The shipped GPT in the PyTorch reference (f16 weights as f32) and its config."""
     cfg = json.load(open(os.path.join(ASSETS, "config.json")))
     model = Gpt(gpt_args(cfg["num_classes"])).eval()
     sd = {k: v.float() for k, v in load_file(os.path.join(ASSETS, "gpt.safetensors")).items()}
     model.load_state_dict(sd)
+    return model, cfg
+
+
+def main():
+    torch.set_num_threads(2)
+    model, cfg = load_builtin()
     out = []
     for label, scale, window, mask in CASES:
         tokens, passes = generate(model, label, scale, window, mask_unwritten=mask)
