@@ -33,7 +33,7 @@ xdotool windowfocus "$win"
 click() { xdotool mousemove "$1" "$2" click 1; sleep "${3:-0.7}"; }
 # Type a pass count into the replay's number field (a click opens it for editing).
 seek() {
-  click 620 98 0.4
+  click 648 98 0.4
   xdotool key ctrl+a
   xdotool type "$1"
   xdotool key Return
@@ -50,8 +50,8 @@ for p in 16 40 64 88 160 256; do
   seek "$p"
   import -window root "$tmp/f.png"
   # the two grids (362 px each at this window size), stacked, labelled
-  convert "$tmp/f.png" -crop 362x362+268+129 +repage -resize 200x200 "$tmp/ntp.png"
-  convert "$tmp/f.png" -crop 362x362+638+129 +repage -resize 200x200 "$tmp/zip.png"
+  convert "$tmp/f.png" -crop 362x362+296+134 +repage -resize 200x200 "$tmp/ntp.png"
+  convert "$tmp/f.png" -crop 362x362+666+134 +repage -resize 200x200 "$tmp/zip.png"
   convert -size 200x24 xc:'#1b1b1b' -fill white -pointsize 16 -gravity center \
     -annotate +0+0 "pass $p" "$tmp/label.png"
   convert "$tmp/label.png" "$tmp/ntp.png" -size 200x6 xc:'#1b1b1b' "$tmp/zip.png" \
