@@ -259,8 +259,8 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Record each token's attention (NTP and ZipAR): the trace gains `retained_mass_of`, and
-    /// for NTP `needed_window_of`.
+    /// Record each token's attention (NTP, ZipAR, adaptive): the trace gains
+    /// `retained_mass_of`, and for NTP `needed_window_of`.
     #[arg(long)]
     pub attention: bool,
 }
@@ -667,8 +667,8 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         crate::decode::engine::schedule_for(model.model.as_ref(), params.mode, params.window)?;
     if args.attention {
         anyhow::ensure!(
-            matches!(params.mode, Mode::Ntp | Mode::Zipar),
-            "--attention records NTP and fixed-window ZipAR runs only"
+            params.mode != Mode::Exact,
+            "--attention records NTP, ZipAR and adaptive runs, not the exact mode"
         );
         model.model.set_attention_capture(Some(0));
     }

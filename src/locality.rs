@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::colormap;
 use crate::decode::{Cell, Flow, GenerateParams, Mode, generate};
 use crate::eval::teacher_forced;
-use crate::model::{Condition, ImageArModel, PassAttention, RgbImage};
+use crate::model::{Condition, ImageArModel, PassAttention, RgbImage, TokenAttention};
 
 /// What one cell's attention says about locality.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -88,38 +88,46 @@ pub fn layer_mean(a: &PassAttention, i: usize) -> Vec<f32> {
         .collect()
 }
 
-/// For a run with attention captured (`attention_of` per cell, raster order): the share of
-/// each token's attention on the condition and on the cells produced in earlier passes.
-pub fn retained_in_run(attention_of: &[Vec<f32>], cond_len: usize, pass_of: &[usize]) -> Vec<f32> {
+/// The share of `att` (over the condition's slots, then the image positions) on the condition
+/// and on the cells final before pass `moment` (`pass_of`: each cell's final pass).
+pub fn retained_at(att: &[f32], cond_len: usize, pass_of: &[usize], moment: usize) -> f32 {
+    let total: f32 = att.iter().sum::<f32>().max(f32::MIN_POSITIVE);
+    let cond: f32 = att.iter().take(cond_len).sum();
+    let kept: f32 = att
+        .iter()
+        .skip(cond_len)
+        .enumerate()
+        .filter(|(q, _)| pass_of.get(*q).is_some_and(|&p| p < moment))
+        .map(|(_, a)| a)
+        .sum();
+    (cond + kept) / total
+}
+
+/// For a run with attention captured (one per cell, raster order): the share of each token's
+/// attention on what was written when its query ran.
+pub fn retained_in_run(
+    attention_of: &[TokenAttention],
+    cond_len: usize,
+    pass_of: &[usize],
+) -> Vec<f32> {
     attention_of
         .iter()
-        .enumerate()
-        .map(|(i, att)| {
-            let total: f32 = att.iter().sum::<f32>().max(f32::MIN_POSITIVE);
-            let cond: f32 = att.iter().take(cond_len).sum();
-            let kept: f32 = att
-                .iter()
-                .skip(cond_len)
-                .enumerate()
-                .filter(|(q, _)| pass_of.get(*q).is_some_and(|&p| p < pass_of[i]))
-                .map(|(_, a)| a)
-                .sum();
-            (cond + kept) / total
-        })
+        .map(|a| retained_at(&a.mean(), cond_len, pass_of, a.pass))
         .collect()
 }
 
 /// The needed window (threshold 0.95) of every cell of an NTP run from its captured attention.
-pub fn needed_windows(attention_of: &[Vec<f32>], cond_len: usize, w: usize) -> Vec<usize> {
+pub fn needed_windows(attention_of: &[TokenAttention], cond_len: usize, w: usize) -> Vec<usize> {
     attention_of
         .iter()
+        .map(TokenAttention::mean)
         .enumerate()
         .map(|(i, att)| {
             let cell = Cell::new(i / w, i % w);
             if cell.row == 0 {
                 1
             } else {
-                cell_locality(att, cond_len, cell, w, 0.95).needed_window
+                cell_locality(&att, cond_len, cell, w, 0.95).needed_window
             }
         })
         .collect()

@@ -61,7 +61,7 @@ pub enum Command {
         cond: Condition,
         /// Decoding settings.
         params: GenerateParams,
-        /// Record each token's attention (NTP and fixed-window ZipAR), keeping this layer's
+        /// Record each token's attention (NTP, ZipAR, adaptive), keeping this layer's
         /// heads one by one.
         attention: Option<usize>,
     },
@@ -366,7 +366,7 @@ impl Worker {
         let Some(model) = self.model.as_deref_mut() else {
             return Err(GenError::Other("no model is loaded".into()));
         };
-        let capture = matches!(params.mode, Mode::Ntp | Mode::Zipar);
+        let capture = params.mode != Mode::Exact;
         model.set_attention_capture(attention.filter(|_| capture));
         let schedule = schedule_for(model, params.mode, params.window)
             .map_err(|e| GenError::Other(e.to_string()))?;

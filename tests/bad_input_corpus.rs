@@ -290,9 +290,9 @@ fn corpus() -> Vec<Case> {
             "window",
         ),
         case(
-            "attention in the adaptive mode",
+            "attention in the exact mode",
             good(),
-            &["--mode", "adaptive", "--attention"],
+            &["--mode", "exact", "--attention"],
             "--attention",
         ),
         case("negative CFG", good(), &["--cfg=-1"], "cfg"),

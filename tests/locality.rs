@@ -16,6 +16,7 @@ fn capturing_attention_changes_no_token() {
     for (mode, sampling) in [
         (Mode::Ntp, Sampling::Greedy),
         (Mode::Zipar, Sampling::default()),
+        (Mode::Adaptive, Sampling::default()),
     ] {
         let params = GenerateParams {
             mode,
@@ -28,9 +29,33 @@ fn capturing_attention_changes_no_token() {
         let cond = Condition::Class(42);
         let off = generate(&mut m, &cond, &params, &mut |_| Flow::Continue).expect("off");
         assert!(m.set_attention_capture(Some(1)));
-        let on = generate(&mut m, &cond, &params, &mut |_| Flow::Continue).expect("on");
+        let mut reported = 0;
+        let on = generate(&mut m, &cond, &params, &mut |r| {
+            // Each produced cell arrives with the attention of the query that drew it.
+            assert_eq!(
+                r.attention.len(),
+                r.produced.len(),
+                "{mode:?} pass {}",
+                r.index
+            );
+            assert!(r.attention.iter().all(|a| a.pass <= r.index));
+            reported += r.attention.len();
+            Flow::Continue
+        })
+        .expect("on");
         m.set_attention_capture(None);
         assert_eq!(on.tokens, off.tokens, "{mode:?}");
+        assert_eq!(reported, 256, "{mode:?}");
+        assert!(off.retained_mass_of.is_empty());
+        assert_eq!(on.retained_mass_of.len(), 256, "{mode:?}");
+        assert!(
+            on.retained_mass_of
+                .iter()
+                .all(|m| (0.0..=1.0001).contains(m))
+        );
+        // NTP sees everything it attends to; ZipAR and adaptive drafts do not.
+        let full = on.retained_mass_of.iter().all(|&m| m > 0.9999);
+        assert_eq!(full, mode == Mode::Ntp, "{mode:?}");
     }
 }
 

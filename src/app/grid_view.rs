@@ -168,17 +168,14 @@ pub fn grid_ui(
     if mode == ViewMode::Attention
         && let Some(i) = hovered
         && visible(i)
-        && let Some(att) = run
-            .attention_of
-            .get(i)
-            .and_then(Option::as_ref)
-            .and_then(|a| a.select(pick.layer, pick.head))
+        && let Some(token) = run.attention_of.get(i).and_then(Option::as_ref)
+        && let Some(att) = token.select(pick.layer, pick.head)
     {
         // Where the hovered token looked: its attention over the earlier cells, log-scaled
-        // against its largest share; the cells written when it was decoded outlined.
+        // against its largest share; the cells written when its query ran outlined.
         let image = &att[run.cond_len.min(att.len())..];
         let top = image.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
-        let pass = run.pass_of[i].unwrap_or(0);
+        let pass = token.pass;
         for (q, &a) in image.iter().enumerate().take(h * w) {
             let t = (1.0 + (a / top).max(1e-4).log10() / 4.0).clamp(0.0, 1.0_f32);
             let c = colormap::viridis(t);
@@ -293,7 +290,7 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
         return;
     }
     if mode == ViewMode::Attention && !run.attention_of.iter().any(Option::is_some) {
-        ui.weak("no attention recorded: tick \"Record attention\" (NTP and ZipAR runs)");
+        ui.weak("no attention recorded: tick \"Record attention\" (NTP, ZipAR and adaptive runs)");
         return;
     }
     let (lo, hi, what) = match mode {

@@ -678,7 +678,7 @@ impl StudioApp {
             );
         ui.checkbox(&mut self.settings.record_attention, "Record attention")
             .on_hover_text(
-                "NTP and ZipAR runs keep each token's attention for the Attention view (mean \
+                "NTP, ZipAR and adaptive runs keep each token's attention for the Attention view (mean \
                  over heads and layers); off, it costs nothing",
             );
         ui.add_enabled_ui(!self.settings.greedy, |ui| {

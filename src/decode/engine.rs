@@ -10,7 +10,7 @@ use super::adaptive::{self, AdaptivePlanner, Outcome, Role, Token};
 use super::sampling::{Sampler, Sampling, SamplingError, cfg_combine, distribution, validate_cfg};
 use super::schedule::{Cell, Mode, Pass, Schedule, ScheduleError, Source, windows_from_passes};
 use super::trace::DecodeTrace;
-use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions};
+use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions, TokenAttention};
 
 /// Settings of one generation run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -56,10 +56,10 @@ pub struct PassReport {
     /// Exact mode: how each produced cell became final (same order as `produced`); empty in
     /// the other modes.
     pub fates: Vec<super::exact::Fate>,
-    /// With attention capture on (NTP and fixed-window ZipAR): the attention of the query
-    /// that predicted each produced cell, mean over heads and layers, over the condition's
-    /// slots and then the image positions (same order as `produced`); empty otherwise.
-    pub attention: Vec<crate::model::TokenAttention>,
+    /// With attention capture on (NTP, ZipAR, adaptive): the attention of the query that drew
+    /// each produced cell (per layer, and the heads of one layer), over the condition's slots
+    /// and then the image positions (same order as `produced`); empty otherwise.
+    pub attention: Vec<TokenAttention>,
     /// Wall time of the pass (model call plus sampling).
     pub elapsed: Duration,
 }
@@ -234,13 +234,24 @@ fn generate_adaptive(
     check_rows(&logits, 1)?;
     let first = sampler.sample(&combine(&logits, 0, cfg));
     planner.apply_prefill(first.token);
+    // Attention capture: each token gets the attention of the query that drew it (for a row's
+    // first token, the draft's query, or the verification whose residual replaced it).
+    let mut capture = AdaptiveAttention::new(h, w);
+    let attention = match model.take_attention() {
+        Some(a) => {
+            let t = TokenAttention::of_input(&a, a.slots.len() - 1, 0);
+            capture.record(Cell::new(0, 0), &t);
+            vec![t]
+        }
+        None => Vec::new(),
+    };
     let report = PassReport {
         index: 0,
         total,
         produced: vec![(Cell::new(0, 0), first.token, first.prob)],
         inputs: 1,
         fates: Vec::new(),
-        attention: Vec::new(),
+        attention,
         elapsed: t0.elapsed(),
     };
     finish_pass(&mut trace, sink, report, planner.is_done())?;
@@ -295,18 +306,29 @@ fn generate_adaptive(
                 }
             });
         }
+        let pass_attention = model.take_attention();
+        let rejected_before: Vec<u32> = (0..h).map(|r| planner.rejections_of[r * w]).collect();
         let mut verifier = sampler.clone();
         let produced = planner.apply(&feeds, outcomes, |x, p, q| {
             adaptive::verify(&mut verifier, greedy, x, p, q)
         });
         sampler = verifier;
+        let attention = match pass_attention {
+            Some(a) => {
+                let rejected: Vec<bool> = (0..h)
+                    .map(|r| planner.rejections_of[r * w] > rejected_before[r])
+                    .collect();
+                capture.pass(&a, index, &feeds, &produced, &rejected)
+            }
+            None => Vec::new(),
+        };
         let report = PassReport {
             index,
             total,
             produced,
             inputs: feeds.len(),
             fates: Vec::new(),
-            attention: Vec::new(),
+            attention,
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, planner.is_done())?;
@@ -314,7 +336,98 @@ fn generate_adaptive(
     trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
     trace.window_of = planner.window_of.clone();
     trace.rejections_of = planner.rejections_of.clone();
+    if let Some((all, cond_len)) = capture.finish() {
+        trace.retained_mass_of = crate::locality::retained_in_run(&all, cond_len, &trace.pass_of);
+    }
     Ok(trace)
+}
+
+/// Which captured query each token of an adaptive run came from. A row's first token is the
+/// draft that was accepted (drawn by a `Draft` input, or by the `Verify` input whose residual
+/// replaced a rejected draft), or the residual drawn once the row above was complete (that
+/// `Verify` input); its second token is the `Speculative` input's; the others are `Next`.
+struct AdaptiveAttention {
+    w: usize,
+    cells: Vec<Option<TokenAttention>>,
+    cond_len: Option<usize>,
+    /// The query behind each row's pending draft, and behind its speculative second token.
+    draft: Vec<Option<TokenAttention>>,
+    spec: Vec<Option<TokenAttention>>,
+}
+
+impl AdaptiveAttention {
+    fn new(h: usize, w: usize) -> Self {
+        Self {
+            w,
+            cells: vec![None; h * w],
+            cond_len: None,
+            draft: vec![None; h],
+            spec: vec![None; h],
+        }
+    }
+
+    fn record(&mut self, cell: Cell, t: &TokenAttention) {
+        if cell.row == 0 && cell.col == 0 {
+            // The prefill's query spans exactly the condition's slots.
+            self.cond_len = t.layers.first().map(Vec::len);
+        }
+        self.cells[cell.row * self.w + cell.col] = Some(t.clone());
+    }
+
+    /// One pass's attention, given which rows had a draft rejected in it; returns the
+    /// attention of each produced cell, in order.
+    fn pass(
+        &mut self,
+        a: &crate::model::PassAttention,
+        index: usize,
+        feeds: &[adaptive::AFeed],
+        produced: &[(Cell, u32, f32)],
+        rejected: &[bool],
+    ) -> Vec<TokenAttention> {
+        let mut next = Vec::new();
+        let mut verify: Vec<Option<TokenAttention>> = vec![None; self.draft.len()];
+        for (i, f) in feeds.iter().enumerate() {
+            let t = || TokenAttention::of_input(a, i, index);
+            match f.role {
+                Role::Next(c) => next.push((c, t())),
+                Role::Draft(r) => self.draft[r] = Some(t()),
+                Role::Verify(r) => verify[r] = Some(t()),
+                Role::Speculative(r) => self.spec[r] = Some(t()),
+                Role::Discard => {}
+            }
+        }
+        let mut out = Vec::with_capacity(produced.len());
+        for &(cell, _, _) in produced {
+            let r = cell.row;
+            let t = match next.iter().position(|(c, _)| *c == cell) {
+                Some(k) => Some(next.swap_remove(k).1),
+                None if cell.col == 0 && rejected[r] => verify[r].take(),
+                None if cell.col == 0 => self.draft[r].take(),
+                None => self.spec[r].take(),
+            };
+            if let Some(t) = &t {
+                self.record(cell, t);
+            }
+            out.push(t);
+        }
+        // A rejected draft that did not end the row: the residual is the new draft.
+        for (r, v) in verify.into_iter().enumerate() {
+            if rejected[r] && v.is_some() && self.cells[r * self.w].is_none() {
+                self.draft[r] = v;
+            }
+        }
+        // One entry per produced cell, or none at all (the report's rows must line up).
+        out.into_iter()
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
+    }
+
+    /// Every cell's attention and the condition's length, when every cell has one.
+    fn finish(self) -> Option<(Vec<TokenAttention>, usize)> {
+        let cond_len = self.cond_len?;
+        let all: Option<Vec<TokenAttention>> = self.cells.into_iter().collect();
+        Some((all?, cond_len))
+    }
 }
 
 /// Runs one pass of a fixed schedule: the prefill, or a step feeding each scheduled cell's
@@ -369,7 +482,7 @@ fn generate_fixed(
     let mut grid: Vec<Option<u32>> = vec![None; h * w];
     let total = schedule.num_passes();
     let started = Instant::now();
-    let mut attention_of: Vec<Vec<f32>> = Vec::new();
+    let mut attention_of: Vec<TokenAttention> = Vec::new();
     let mut cond_len = 0;
     for (index, pass) in schedule.passes.iter().enumerate() {
         let t0 = Instant::now();
@@ -377,7 +490,7 @@ fn generate_fixed(
         let cells: Vec<Cell> = pass.predicted().collect();
         check_rows(&logits, cells.len())?;
         // Capture on: each predicting input's attention (the prefill's last slot predicts).
-        let attention: Vec<crate::model::TokenAttention> = match model.take_attention() {
+        let attention: Vec<TokenAttention> = match model.take_attention() {
             Some(a) => {
                 cond_len = a.cond_len;
                 let rows: Vec<usize> = if index == 0 {
@@ -388,7 +501,7 @@ fn generate_fixed(
                         .collect()
                 };
                 rows.iter()
-                    .map(|&i| crate::model::TokenAttention::of_input(&a, i))
+                    .map(|&i| TokenAttention::of_input(&a, i, index))
                     .collect()
             }
             None => Vec::new(),
@@ -400,9 +513,9 @@ fn generate_fixed(
             produced.push((*cell, s.token, s.prob));
         }
         if !attention.is_empty() {
-            attention_of.resize(h * w, Vec::new());
+            attention_of.resize(h * w, TokenAttention::default());
             for (c, a) in cells.iter().zip(&attention) {
-                attention_of[c.row * w + c.col] = a.mean();
+                attention_of[c.row * w + c.col] = a.clone();
             }
         }
         let report = PassReport {

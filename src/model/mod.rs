@@ -71,15 +71,19 @@ pub struct TokenAttention {
     pub head_layer: usize,
     /// Per head of `head_layer`.
     pub heads: Vec<Vec<f32>>,
+    /// The pass whose query this is: what was written then is what it could see (for an
+    /// adaptive draft, the pass that drew it, not the one that accepted it).
+    pub pass: usize,
 }
 
 impl TokenAttention {
-    /// Input `i` of a captured pass.
-    pub fn of_input(a: &PassAttention, i: usize) -> Self {
+    /// Input `i` of a pass captured in pass `pass`.
+    pub fn of_input(a: &PassAttention, i: usize, pass: usize) -> Self {
         Self {
             layers: a.mean.iter().map(|l| l[i].clone()).collect(),
             head_layer: a.head_layer,
             heads: a.heads.iter().map(|h| h[i].clone()).collect(),
+            pass,
         }
     }
 
