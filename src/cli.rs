@@ -259,8 +259,8 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Record each token's attention (NTP, ZipAR, adaptive): the trace gains
-    /// `retained_mass_of`, and for NTP `needed_window_of`.
+    /// Record each token's attention: the trace gains `retained_mass_of`, and for NTP
+    /// `needed_window_of`.
     #[arg(long)]
     pub attention: bool,
 }
@@ -666,10 +666,6 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let schedule =
         crate::decode::engine::schedule_for(model.model.as_ref(), params.mode, params.window)?;
     if args.attention {
-        anyhow::ensure!(
-            params.mode != Mode::Exact,
-            "--attention records NTP, ZipAR and adaptive runs, not the exact mode"
-        );
         model.model.set_attention_capture(Some(0));
     }
     let bar = if args.quiet {

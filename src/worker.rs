@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::decode::engine::{EngineError, schedule_for};
-use crate::decode::{DecodeTrace, Flow, GenerateParams, Mode, PassReport, generate};
+use crate::decode::{DecodeTrace, Flow, GenerateParams, PassReport, generate};
 use crate::model::palette::CodePalette;
 use crate::model::registry;
 use crate::model::{Condition, ImageArModel, ImageDecoder, RgbImage};
@@ -61,8 +61,7 @@ pub enum Command {
         cond: Condition,
         /// Decoding settings.
         params: GenerateParams,
-        /// Record each token's attention (NTP, ZipAR, adaptive), keeping this layer's
-        /// heads one by one.
+        /// Record each token's attention, keeping this layer's heads one by one.
         attention: Option<usize>,
     },
     /// End the thread.
@@ -366,8 +365,7 @@ impl Worker {
         let Some(model) = self.model.as_deref_mut() else {
             return Err(GenError::Other("no model is loaded".into()));
         };
-        let capture = params.mode != Mode::Exact;
-        model.set_attention_capture(attention.filter(|_| capture));
+        model.set_attention_capture(attention);
         let schedule = schedule_for(model, params.mode, params.window)
             .map_err(|e| GenError::Other(e.to_string()))?;
         let (h, w) = model.grid();

@@ -289,12 +289,6 @@ fn corpus() -> Vec<Case> {
             &["--mode", "exact", "--window", "1"],
             "window",
         ),
-        case(
-            "attention in the exact mode",
-            good(),
-            &["--mode", "exact", "--attention"],
-            "--attention",
-        ),
         case("negative CFG", good(), &["--cfg=-1"], "cfg"),
         case(
             "unknown device",

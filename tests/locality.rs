@@ -17,6 +17,7 @@ fn capturing_attention_changes_no_token() {
         (Mode::Ntp, Sampling::Greedy),
         (Mode::Zipar, Sampling::default()),
         (Mode::Adaptive, Sampling::default()),
+        (Mode::Exact, Sampling::default()),
     ] {
         let params = GenerateParams {
             mode,
@@ -53,7 +54,7 @@ fn capturing_attention_changes_no_token() {
                 .iter()
                 .all(|m| (0.0..=1.0001).contains(m))
         );
-        // NTP sees everything it attends to; ZipAR and adaptive drafts do not.
+        // NTP sees everything it attends to; ZipAR, adaptive and exact drafts do not.
         let full = on.retained_mass_of.iter().all(|&m| m > 0.9999);
         assert_eq!(full, mode == Mode::Ntp, "{mode:?}");
     }

@@ -290,7 +290,7 @@ pub fn legend_ui(ui: &mut egui::Ui, mode: ViewMode, run: &RunView) {
         return;
     }
     if mode == ViewMode::Attention && !run.attention_of.iter().any(Option::is_some) {
-        ui.weak("no attention recorded: tick \"Record attention\" (NTP, ZipAR and adaptive runs)");
+        ui.weak("no attention recorded: tick \"Record attention\" and generate again");
         return;
     }
     let (lo, hi, what) = match mode {

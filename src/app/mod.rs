@@ -678,8 +678,8 @@ impl StudioApp {
             );
         ui.checkbox(&mut self.settings.record_attention, "Record attention")
             .on_hover_text(
-                "NTP, ZipAR and adaptive runs keep each token's attention for the Attention view (mean \
-                 over heads and layers); off, it costs nothing",
+                "runs keep each token's attention for the Attention view: every layer's mean \
+                 over heads, and the heads of the layer picked there; off, it costs nothing",
             );
         ui.add_enabled_ui(!self.settings.greedy, |ui| {
             ui.add(

@@ -117,7 +117,7 @@ pub struct Settings {
     pub greedy: bool,
     /// Hide never-written cache slots from attention.
     pub mask_unwritten: bool,
-    /// Record each token's attention (NTP, ZipAR and adaptive runs) for the Attention view.
+    /// Record each token's attention for the Attention view.
     pub record_attention: bool,
     /// Attention view: the layer shown (`None`: the mean of the layers); its heads are
     /// recorded one by one.

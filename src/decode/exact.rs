@@ -39,7 +39,7 @@ use super::engine::{
 };
 use super::sampling::{Sampling, argmax, distribution};
 use super::schedule::{Cell, Layout, Schedule, pos_of, windows_from_passes};
-use crate::model::{Condition, ImageArModel, ModelInput};
+use crate::model::{Condition, ImageArModel, ModelInput, TokenAttention};
 
 /// How a cell got its final token in the exact mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +208,8 @@ struct Draft {
     pass: usize,
     /// Kept untested after a rejection to its left (TAIL).
     tail: bool,
+    /// With capture on, the attention of the query that drew it.
+    att: Option<TokenAttention>,
 }
 
 /// Decoding state between passes.
@@ -347,6 +349,16 @@ pub fn generate_with(
     let logits = model.prefill(cond, opts)?;
     check_rows(&logits, 1)?;
     let first = sampler.sample(&combine(&logits, 0, cfg));
+    // With capture on: each cell's attention (the query that drew its final token) and the
+    // condition's length (the prefill's query spans exactly its slots).
+    let mut att_of: Vec<Option<TokenAttention>> = vec![None; n];
+    let first_att = model
+        .take_attention()
+        .map(|a| TokenAttention::of_input(&a, a.slots.len() - 1, 0));
+    let cond_len = first_att
+        .as_ref()
+        .and_then(|a| a.layers.first().map(Vec::len));
+    att_of[0] = first_att.clone();
     st.final_tok[0] = first.token;
     st.fin = 1;
     st.started[0] = true;
@@ -360,7 +372,7 @@ pub fn generate_with(
         produced: vec![(Cell::new(0, 0), first.token, first.prob)],
         inputs: 1,
         fates: vec![Fate::Plain],
-        attention: Vec::new(),
+        attention: first_att.into_iter().collect(),
         elapsed: t0.elapsed(),
     };
     finish_pass(&mut trace, sink, report, st.fin == seq.len)?;
@@ -437,6 +449,12 @@ pub fn generate_with(
         }
         let logits = model.step(&inputs)?;
         check_rows(&logits, inputs.len())?;
+        let pass_att = model.take_attention();
+        let input_att = |i: usize| {
+            pass_att
+                .as_ref()
+                .map(|a| TokenAttention::of_input(a, i, index))
+        };
         let rows: Vec<Vec<f32>> = (0..inputs.len())
             .map(|i| combine(&logits, i, cfg))
             .collect();
@@ -448,6 +466,7 @@ pub fn generate_with(
 
         // (3) The walk: test the chain's drafts in order.
         let mut produced = Vec::new();
+        let mut produced_att = Vec::new();
         let (mut tested, mut accepted, mut rejected_at) = (0, 0, None);
         let mut j = f;
         loop {
@@ -472,7 +491,13 @@ pub fn generate_with(
                 }
                 continue;
             };
-            let (token, prob, stop) = match st.drafts[j].take() {
+            // A residual or plain sample is drawn from the chain input at slot j - 1.
+            let chain_att = if j - 1 <= chain_end {
+                input_att(j - f)
+            } else {
+                None
+            };
+            let (token, prob, stop, att) = match st.drafts[j].take() {
                 Some(d) => {
                     tested += 1;
                     let p = distribution(&l, sampling);
@@ -497,25 +522,27 @@ pub fn generate_with(
                             accepted += 1;
                             rec.fate_of[idx(cell)] = Fate::Accepted;
                             rec.draft_pass_of[idx(cell)] = Some(d.pass);
-                            (d.x, p[xi], false)
+                            (d.x, p[xi], false, d.att)
                         }
                         Verdict::Reject(y) => {
                             rejected_at = Some(j);
                             rec.fate_of[idx(cell)] = Fate::Residual;
                             trace.rejections_of[idx(cell)] += 1;
-                            (y, p[y as usize], true)
+                            (y, p[y as usize], true, chain_att)
                         }
                     }
                 }
                 None => {
                     let s = sampler.sample(&l);
                     rec.fate_of[idx(cell)] = Fate::Plain;
-                    (s.token, s.prob, true)
+                    (s.token, s.prob, true, chain_att)
                 }
             };
             st.final_tok[j] = token;
             st.fin = j + 1;
             produced.push((cell, token, prob));
+            att_of[idx(cell)] = att.clone();
+            produced_att.push(att);
             j += 1;
             if stop || j == seq.len {
                 break;
@@ -556,6 +583,7 @@ pub fn generate_with(
                 d.x = x;
                 d.pass = index;
                 d.tail = true;
+                d.att = input_att(k - f);
                 if !flaws.stale_q {
                     d.q = p2;
                 }
@@ -573,6 +601,7 @@ pub fn generate_with(
                 q,
                 pass: index,
                 tail: false,
+                att: input_att(t.input),
             });
         }
         st.activate();
@@ -591,7 +620,11 @@ pub fn generate_with(
             produced,
             inputs: inputs.len(),
             fates,
-            attention: Vec::new(),
+            // One entry per produced cell, or none (the report's rows must line up).
+            attention: produced_att
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .unwrap_or_default(),
             elapsed: t0.elapsed(),
         };
         finish_pass(&mut trace, sink, report, st.fin == seq.len)?;
@@ -602,6 +635,12 @@ pub fn generate_with(
         .map(|i| rec.draft_pass_of[i].unwrap_or(trace.pass_of[i]))
         .collect();
     trace.window_of = windows_from_passes(h, w, &first_pass);
+    if let (Some(cond_len), Some(all)) = (
+        cond_len,
+        att_of.into_iter().collect::<Option<Vec<TokenAttention>>>(),
+    ) {
+        trace.retained_mass_of = crate::locality::retained_in_run(&all, cond_len, &trace.pass_of);
+    }
     trace.exact = Some(rec);
     Ok(trace)
 }
