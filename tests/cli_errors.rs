@@ -289,3 +289,32 @@ fn a_models_mask_unwritten_recommendation_applies_and_can_be_turned_off() {
         "masking should change some greedy tokens here"
     );
 }
+
+/// A model error is said once: "model error: X", not "model error: X: X" (the engine's error
+/// used to carry its message as a source too).
+#[test]
+fn a_model_error_is_said_once() {
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let png = out_dir.path().join("x.png");
+    let model = fixture("tiny_t2i");
+    for mode in ["ntp", "exact"] {
+        let (code, _, stderr) = run(&[
+            "generate",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--class",
+            "0",
+            "--mode",
+            mode,
+            "--quiet",
+            "--out",
+            png.to_str().expect("utf8"),
+        ]);
+        assert_eq!(code, 2, "{stderr}");
+        assert_eq!(
+            stderr.matches("give a caption").count(),
+            1,
+            "{mode}: {stderr}"
+        );
+    }
+}

@@ -90,9 +90,16 @@ pub enum EngineError {
     /// Sampling settings out of range.
     #[error(transparent)]
     Sampling(#[from] SamplingError),
-    /// The model failed.
+    /// The model failed. (Not a `#[source]`: the message already holds the whole chain, and
+    /// a source would print it twice.)
     #[error("model error: {0:#}")]
-    Model(#[from] anyhow::Error),
+    Model(anyhow::Error),
+}
+
+impl From<anyhow::Error> for EngineError {
+    fn from(e: anyhow::Error) -> Self {
+        EngineError::Model(e)
+    }
 }
 
 /// Builds the fixed schedule for a mode.
