@@ -79,15 +79,6 @@ pub fn cell_locality(
     }
 }
 
-/// Input `i`'s attention averaged over the layers (over the slots `0..len` of the pass).
-pub fn layer_mean(a: &PassAttention, i: usize) -> Vec<f32> {
-    let n = a.mean.len().max(1) as f32;
-    let len = a.mean.first().map_or(0, |l| l[i].len());
-    (0..len)
-        .map(|j| a.mean.iter().map(|l| l[i][j]).sum::<f32>() / n)
-        .collect()
-}
-
 /// The share of `att` (over the condition's slots, then the image positions) on the condition
 /// and on the cells final before pass `moment` (`pass_of`: each cell's final pass).
 pub fn retained_at(att: &[f32], cond_len: usize, pass_of: &[usize], moment: usize) -> f32 {
@@ -136,8 +127,9 @@ pub fn needed_windows(attention_of: &[TokenAttention], cond_len: usize, w: usize
 /// The attention that predicts each cell of a teacher-forced pass (the prefill predicts cell
 /// 0, the input at position p - 1 cell p), averaged over the layers.
 pub fn predicting_attention(prefill: &PassAttention, pass: &PassAttention) -> Vec<Vec<f32>> {
-    let mut out = vec![layer_mean(prefill, prefill.slots.len() - 1)];
-    out.extend((0..pass.slots.len()).map(|i| layer_mean(pass, i)));
+    let mean = |a: &PassAttention, i: usize| TokenAttention::of_input(a, i, 0).mean();
+    let mut out = vec![mean(prefill, prefill.slots.len() - 1)];
+    out.extend((0..pass.slots.len()).map(|i| mean(pass, i)));
     out
 }
 

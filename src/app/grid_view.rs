@@ -3,7 +3,7 @@
 
 use egui::{Color32, Rect, Sense, Stroke, TextureHandle, Vec2, pos2, vec2};
 
-use super::run_view::RunView;
+use super::run_view::{AttentionMaps, NEEDED_MASS, RunView};
 use super::settings::ViewMode;
 use crate::colormap;
 use crate::decode::exact::Fate;
@@ -32,20 +32,12 @@ fn shade(c: [u8; 3], f: f32) -> [u8; 3] {
 }
 
 /// The colour of cell `i` in `mode` (`None`: the view shows no colour there).
-/// Which attention the Attention view shows: a layer (`None`: the mean of the layers) and,
-/// in the layer whose heads were recorded, a head (`None`: the mean of the heads).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct AttentionPick {
-    /// Layer.
-    pub layer: Option<usize>,
-    /// Head.
-    pub head: Option<usize>,
-}
-
-/// Share of its attention a token's window must keep (the needed window's threshold).
-pub const NEEDED_MASS: f32 = 0.95;
-
-fn cell_color(run: &RunView, mode: ViewMode, pick: AttentionPick, i: usize) -> Option<Color32> {
+fn cell_color(
+    run: &RunView,
+    mode: ViewMode,
+    maps: Option<&AttentionMaps>,
+    i: usize,
+) -> Option<Color32> {
     let w = run.grid.1;
     let pass = run.pass_of.get(i).copied().flatten()?;
     let max_pass = run.passes().saturating_sub(1).max(1) as f32;
@@ -86,12 +78,13 @@ fn cell_color(run: &RunView, mode: ViewMode, pick: AttentionPick, i: usize) -> O
         ViewMode::Fate => fate_color(run.fate_of.get(i).copied().flatten()?),
         // NTP tokens saw everything: their colour is the window they would need; other runs
         // show how much of each token's attention fell on what was written.
-        ViewMode::Attention => match run.needed_window(i, pick.layer, pick.head, NEEDED_MASS) {
-            Some(s) => color(colormap::scaled(s as f32, 1.0, w as f32)),
-            None => color(colormap::viridis(
-                run.retained_mass(i, pick.layer, pick.head)?,
-            )),
-        },
+        ViewMode::Attention => {
+            let maps = maps?;
+            match maps.needed.get(i).copied().flatten() {
+                Some(s) => color(colormap::scaled(s as f32, 1.0, w as f32)),
+                None => color(colormap::viridis(maps.retained.get(i).copied().flatten()?)),
+            }
+        }
     })
 }
 
@@ -103,7 +96,7 @@ pub fn grid_ui(
     ui: &mut egui::Ui,
     run: &RunView,
     mode: ViewMode,
-    pick: AttentionPick,
+    attention: Option<&AttentionMaps>,
     texture: Option<&TextureHandle>,
     upto: usize,
     front: Option<usize>,
@@ -156,7 +149,7 @@ pub fn grid_ui(
             painter.rect_filled(r, 0.0, Color32::from_black_alpha(170));
             continue;
         }
-        if let Some(fill) = cell_color(run, mode, pick, i) {
+        if let Some(fill) = cell_color(run, mode, attention, i) {
             painter.rect_filled(r.shrink(0.5), 0.0, fill);
         }
     }
@@ -166,10 +159,11 @@ pub fn grid_ui(
         (r < h && c < w).then_some(r * w + c)
     });
     if mode == ViewMode::Attention
+        && let Some(maps) = attention
         && let Some(i) = hovered
         && visible(i)
         && let Some(token) = run.attention_of.get(i).and_then(Option::as_ref)
-        && let Some(att) = token.select(pick.layer, pick.head)
+        && let Some(att) = token.select(maps.pick.layer, maps.pick.head)
     {
         // Where the hovered token looked: its attention over the earlier cells, log-scaled
         // against its largest share; the cells written when its query ran outlined.
@@ -222,13 +216,14 @@ pub fn grid_ui(
                         ui.label(format!("rejections {}", run.rejections[i]));
                         ui.label(format!("probability {:.3}", run.probs[i]));
                         exact_cell_ui(ui, run, i);
-                        if let Some(m) = run.retained_mass(i, pick.layer, pick.head) {
+                        let maps = attention.filter(|_| mode == ViewMode::Attention);
+                        if let Some(m) = maps.and_then(|m| m.retained.get(i).copied().flatten()) {
                             ui.label(format!(
                                 "{:.0}% of its attention on what was written then",
                                 100.0 * m
                             ));
                         }
-                        if let Some(s) = run.needed_window(i, pick.layer, pick.head, NEEDED_MASS) {
+                        if let Some(s) = maps.and_then(|m| m.needed.get(i).copied().flatten()) {
                             ui.label(format!(
                                 "needs window {s} to keep {:.0}% of its attention",
                                 100.0 * NEEDED_MASS
@@ -387,14 +382,14 @@ fn small_plot<'a>(
 
 /// NTP run with attention: how many tokens need each window (the paper's Figure 5) and the
 /// window that covers 90% of them.
-pub fn needed_window_plot_ui(ui: &mut egui::Ui, run: &RunView, pick: AttentionPick, width: f32) {
+pub fn needed_window_plot_ui(ui: &mut egui::Ui, run: &RunView, maps: &AttentionMaps, width: f32) {
     use egui_plot::{Bar, BarChart};
     let (h, w) = run.grid;
     if run.params.mode != crate::decode::Mode::Ntp || h < 2 {
         return;
     }
     let needed: Vec<usize> = (w..h * w)
-        .filter_map(|i| run.needed_window(i, pick.layer, pick.head, NEEDED_MASS))
+        .filter_map(|i| maps.needed.get(i).copied().flatten())
         .collect();
     if needed.is_empty() {
         return;

@@ -815,7 +815,7 @@ impl StudioApp {
         if view == ViewMode::Attention {
             self.attention_pick_ui(ui);
         }
-        let pick = grid_view::AttentionPick {
+        let pick = run_view::AttentionPick {
             layer: self.settings.attention_layer,
             head: self.settings.attention_head,
         };
@@ -839,19 +839,20 @@ impl StudioApp {
                         badge_ui(ui, run);
                     });
                     let (upto, front) = lane_view(run, replaying, shown, longest);
+                    let maps = (view == ViewMode::Attention).then(|| run.attention_maps(pick));
                     grid_view::grid_ui(
                         ui,
                         run,
                         view,
-                        pick,
+                        maps.as_ref(),
                         lane.texture.as_ref(),
                         upto,
                         front,
                         side,
                     );
                     grid_view::legend_ui(ui, view, run);
-                    if view == ViewMode::Attention {
-                        grid_view::needed_window_plot_ui(ui, run, pick, side);
+                    if let Some(maps) = &maps {
+                        grid_view::needed_window_plot_ui(ui, run, maps, side);
                     }
                     grid_view::pass_plot_ui(ui, run, front, side);
                     grid_view::exact_plot_ui(ui, run, front, side);

@@ -8,6 +8,30 @@ use crate::model::palette::CodePalette;
 use crate::model::{RgbImage, TokenAttention};
 use crate::worker::JobId;
 
+/// Which attention the Attention view shows: a layer (`None`: the mean of the layers) and,
+/// in the layer whose heads were recorded, a head (`None`: the mean of the heads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttentionPick {
+    /// Layer.
+    pub layer: Option<usize>,
+    /// Head.
+    pub head: Option<usize>,
+}
+
+/// Share of its attention a token's window must keep (the needed window's threshold).
+pub const NEEDED_MASS: f32 = 0.95;
+
+/// A run's Attention-view values for one pick, per cell (raster order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionMaps {
+    /// What they were computed for.
+    pub pick: AttentionPick,
+    /// Share of the token's attention on what was final when its query ran.
+    pub retained: Vec<Option<f32>>,
+    /// NTP runs: the window that keeps [`NEEDED_MASS`] of the token's attention.
+    pub needed: Vec<Option<usize>>,
+}
+
 /// Where a run is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunStatus {
@@ -249,27 +273,49 @@ impl RunView {
         ))
     }
 
-    /// The share of cell `i`'s attention on the condition and on the cells produced before
-    /// its pass (what was written when it was decoded).
+    /// Each cell's final pass (`usize::MAX` where there is none yet).
+    fn final_passes(&self) -> Vec<usize> {
+        self.pass_of
+            .iter()
+            .map(|p| p.unwrap_or(usize::MAX))
+            .collect()
+    }
+
+    fn retained_with(&self, i: usize, pick: AttentionPick, pass_of: &[usize]) -> Option<f32> {
+        let token = self.attention_of.get(i)?.as_ref()?;
+        let att = token.select(pick.layer, pick.head)?;
+        Some(crate::locality::retained_at(
+            &att,
+            self.cond_len,
+            pass_of,
+            token.pass,
+        ))
+    }
+
+    /// The share of cell `i`'s attention on the condition and on the cells final before the
+    /// pass its query ran in (for a draft, the pass that drew it).
     pub fn retained_mass(
         &self,
         i: usize,
         layer: Option<usize>,
         head: Option<usize>,
     ) -> Option<f32> {
-        let att = self.attention_of.get(i)?.as_ref()?.select(layer, head)?;
-        let pass = self.pass_of.get(i).copied().flatten()?;
-        let total: f32 = att.iter().sum::<f32>().max(f32::MIN_POSITIVE);
-        let kept: f32 = att
-            .iter()
-            .enumerate()
-            .filter(|&(j, _)| {
-                j < self.cond_len
-                    || matches!(self.pass_of.get(j - self.cond_len), Some(Some(p)) if *p < pass)
-            })
-            .map(|(_, a)| a)
-            .sum();
-        Some(kept / total)
+        self.retained_with(i, AttentionPick { layer, head }, &self.final_passes())
+    }
+
+    /// The Attention view's per-cell values for one pick, computed once per frame.
+    pub fn attention_maps(&self, pick: AttentionPick) -> AttentionMaps {
+        let n = self.attention_of.len();
+        let pass_of = self.final_passes();
+        AttentionMaps {
+            pick,
+            retained: (0..n)
+                .map(|i| self.retained_with(i, pick, &pass_of))
+                .collect(),
+            needed: (0..n)
+                .map(|i| self.needed_window(i, pick.layer, pick.head, NEEDED_MASS))
+                .collect(),
+        }
     }
 
     /// The window cell `i` needs to keep `threshold` of its attention (NTP runs, whose
