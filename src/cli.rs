@@ -9,7 +9,7 @@ use crate::bench::{self, Setting};
 use crate::decode::{Flow, GenerateParams, Mode, Sampling, generate};
 use crate::export;
 use crate::model::Condition;
-use crate::model::registry::{self, LoadedModel};
+use crate::model::registry::{self, Conditioning, LoadedModel};
 use crate::prompt::ClassIndex;
 use crate::weights::{self, ResolvedDefaults};
 
@@ -297,6 +297,15 @@ pub fn condition_for(
     class: Option<u32>,
     prompt: Option<&str>,
 ) -> anyhow::Result<Condition> {
+    if model.card.conditioning == Conditioning::Caption {
+        return match (class, prompt) {
+            (Some(_), _) => anyhow::bail!(
+                "this model is text-conditional: give a caption with --prompt, not --class"
+            ),
+            (None, Some(p)) => Ok(Condition::Text(p.to_string())),
+            (None, None) => anyhow::bail!("give a caption with --prompt TEXT"),
+        };
+    }
     match (class, prompt) {
         (Some(c), _) => Ok(Condition::Class(c)),
         (None, Some(p)) => {

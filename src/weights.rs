@@ -201,6 +201,19 @@ pub fn available_memory() -> Option<u64> {
 
 /// Reads every tensor of a weight file into memory (on the CPU, as stored).
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError> {
+    read_tensors_where(path, None)
+}
+
+/// Which tensors of a file to read, by name.
+pub type Keep<'a> = &'a dyn Fn(&str) -> bool;
+
+/// Reads the tensors of a weight file (all, or those `keep` accepts) into memory, on the CPU,
+/// as stored. With `keep`, a `.safetensors` file is read tensor by tensor, so that only the
+/// kept bytes are ever in memory (T5's encoder out of a whole encoder-decoder checkpoint).
+pub fn read_tensors_where(
+    path: &Path,
+    keep: Option<Keep>,
+) -> Result<HashMap<String, Tensor>, WeightsError> {
     if !path.is_file() {
         return Err(WeightsError::MissingFile(path.to_path_buf()));
     }
@@ -208,7 +221,13 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
         // A sharded checkpoint: `*.safetensors.index.json` maps each tensor to its shard.
         let mut out = HashMap::new();
         for shard in shards {
-            out.extend(read_tensors(&shard)?);
+            match read_tensors_where(&shard, keep) {
+                Err(WeightsError::Empty(_)) if keep.is_some() => {}
+                r => out.extend(r?),
+            }
+        }
+        if out.is_empty() {
+            return Err(WeightsError::Empty(path.to_path_buf()));
         }
         return Ok(out);
     }
@@ -221,7 +240,9 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let tensors = if ext == "safetensors" {
+    let tensors = if let (Some(keep), "safetensors") = (keep, ext.as_str()) {
+        read_safetensors_where(path, keep)?
+    } else if ext == "safetensors" {
         candle_core::safetensors::load(path, &Device::Cpu).map_err(corrupt)?
     } else {
         // DDP checkpoints keep the state dict under "model"; FSDP ones at the top.
@@ -263,10 +284,13 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
         }
         out
     };
+    let mut tensors = strip_wrapper_prefixes(tensors);
+    if let Some(keep) = keep {
+        tensors.retain(|name, _| keep(name));
+    }
     if tensors.is_empty() {
         return Err(WeightsError::Empty(path.to_path_buf()));
     }
-    let tensors = strip_wrapper_prefixes(tensors);
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
@@ -278,6 +302,75 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError
         }
     }
     Ok(tensors)
+}
+
+/// The tensors of a `.safetensors` file that `keep` accepts, each read from its own byte
+/// range (the format: an 8-byte little-endian header length, a JSON header naming each
+/// tensor's dtype, shape and byte range, then the data).
+fn read_safetensors_where(
+    path: &Path,
+    keep: Keep,
+) -> Result<HashMap<String, Tensor>, WeightsError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let corrupt = |msg: String| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let io = |e: std::io::Error| corrupt(e.to_string());
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(corrupt(format!("its header length {n} is out of range")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| corrupt(format!("its header is not JSON: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, info) in &header {
+        if name == "__metadata__" || !keep(name) {
+            continue;
+        }
+        let bad = |what: &str| corrupt(format!("tensor {name}: {what}"));
+        let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => DType::F32,
+            Some("F16") => DType::F16,
+            Some("BF16") => DType::BF16,
+            Some("F64") => DType::F64,
+            Some("U8") => DType::U8,
+            Some("U32") => DType::U32,
+            Some("I64") => DType::I64,
+            other => return Err(bad(&format!("unsupported dtype {other:?}"))),
+        };
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("no shape"))?;
+        let [a, b]: [u64; 2] = info
+            .get("data_offsets")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("no data offsets"))?;
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            });
+        if a > b || Some(b - a) != bytes || 8 + n + b > file_len {
+            return Err(bad(
+                "its byte range does not match its shape or lies outside the file",
+            ));
+        }
+        f.seek(SeekFrom::Start(8 + n + a)).map_err(io)?;
+        let mut buf = vec![0u8; (b - a) as usize];
+        f.read_exact(&mut buf).map_err(io)?;
+        let t = Tensor::from_raw_buffer(&buf, dtype, &shape, &Device::Cpu)
+            .map_err(|e| bad(&e.to_string()))?;
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
 }
 
 /// Whether a float tensor holds only finite values (one elementwise op and one reduction:
@@ -374,7 +467,17 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, WeightsError> {
-    let tensors = read_tensors(path)?;
+    var_builder_where(path, None, dtype, device)
+}
+
+/// [`var_builder`] over the tensors `keep` accepts (all with `None`).
+pub fn var_builder_where(
+    path: &Path,
+    keep: Option<Keep>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    let tensors = read_tensors_where(path, keep)?;
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 

@@ -83,6 +83,8 @@ pub struct ModelInfo {
     pub classes: Option<Arc<ClassIndex>>,
     /// Number of classes (0 for text-conditional models).
     pub num_classes: usize,
+    /// Class ids or free-text captions.
+    pub conditioning: crate::model::registry::Conditioning,
     /// Device it runs on.
     pub device: String,
     /// Load time.
@@ -347,6 +349,7 @@ impl Worker {
             windows: crate::decode::schedule::window_range(model.layout(), grid.1),
             classes,
             num_classes: card.num_classes,
+            conditioning: card.conditioning,
             device: device.to_string(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             defaults: card.defaults,

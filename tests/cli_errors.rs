@@ -296,14 +296,15 @@ fn a_models_mask_unwritten_recommendation_applies_and_can_be_turned_off() {
 fn a_model_error_is_said_once() {
     let out_dir = tempfile::tempdir().expect("tempdir");
     let png = out_dir.path().join("x.png");
+    // tiny_t2i names no text encoder: its prefill refuses the caption inside the engine.
     let model = fixture("tiny_t2i");
     for mode in ["ntp", "exact"] {
         let (code, _, stderr) = run(&[
             "generate",
             "--model",
             model.to_str().expect("utf8"),
-            "--class",
-            "0",
+            "--prompt",
+            "a cat",
             "--mode",
             mode,
             "--quiet",
@@ -312,7 +313,7 @@ fn a_model_error_is_said_once() {
         ]);
         assert_eq!(code, 2, "{stderr}");
         assert_eq!(
-            stderr.matches("give a caption").count(),
+            stderr.matches("no text encoder").count(),
             1,
             "{mode}: {stderr}"
         );

@@ -43,11 +43,12 @@ def cfg_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model: Gpt, label: int, scale: float, window, mask_unwritten=False):
-    """Greedy decoding; window None = NTP, else the official ZipAR schedule."""
+    """Greedy decoding; window None = NTP, else the official ZipAR schedule. label: a class id,
+    or a caption condition [1, T, C]."""
     a = model.args
     h, w = a.grid_h, a.grid_w
     batch = 2 if scale != 1.0 else 1
-    cond = torch.tensor([label])
+    cond = label if torch.is_tensor(label) else torch.tensor([label])  # a class, or caption rows
     if batch == 2:
         cond = torch.cat([cond, model.null_condition(cond)])
     model.setup_cache(batch)

@@ -14,6 +14,7 @@ use egui::{Color32, Key, KeyboardShortcut, Modifiers, RichText, TextureHandle, T
 use crate::decode::Mode;
 use crate::export;
 use crate::model::palette::CodePalette;
+use crate::model::registry::Conditioning;
 use crate::model::{Condition, RgbImage};
 use crate::prompt::ClassMatch;
 use crate::weights;
@@ -166,6 +167,13 @@ impl StudioApp {
         let ModelState::Ready(info) = &self.model else {
             return Err("no model is loaded".into());
         };
+        if info.conditioning == Conditioning::Caption {
+            let caption = self.settings.prompt.trim();
+            if caption.is_empty() {
+                return Err("type a caption for this text-to-image model".into());
+            }
+            return Ok((Condition::Text(caption.to_string()), caption.to_string()));
+        }
         if let Some(id) = self.settings.class_override {
             let name = info
                 .classes
@@ -490,9 +498,17 @@ impl StudioApp {
     fn prompt_bar_ui(&mut self, ui: &mut egui::Ui) {
         ui.add_space(4.0);
         ui.horizontal(|ui| {
-            let label = ui.label("Prompt");
+            let caption = matches!(
+                &self.model,
+                ModelState::Ready(i) if i.conditioning == Conditioning::Caption
+            );
+            let label = ui.label(if caption { "Caption" } else { "Prompt" });
             let edit = egui::TextEdit::singleline(&mut self.settings.prompt)
-                .hint_text("e.g. red apple")
+                .hint_text(if caption {
+                    "e.g. a red apple on a wooden table"
+                } else {
+                    "e.g. red apple"
+                })
                 .desired_width(280.0);
             let resp = ui.add(edit).labelled_by(label.id);
             // A newcomer types first: the prompt has the keyboard from the first frame.
@@ -530,7 +546,14 @@ impl StudioApp {
             }
             self.progress_ui(ui);
         });
+        let caption = matches!(
+            &self.model,
+            ModelState::Ready(i) if i.conditioning == Conditioning::Caption
+        );
         ui.horizontal(|ui| match (&self.settings.class_override, &self.matched) {
+            _ if caption => {
+                ui.weak("free-text caption, encoded by the model's T5");
+            }
             (Some(id), _) => {
                 ui.label(format!("class {id} (picked)"));
             }
@@ -735,10 +758,15 @@ impl StudioApp {
     }
 
     fn class_picker_ui(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Class");
         let ModelState::Ready(info) = &self.model else {
             return;
         };
+        if info.conditioning == Conditioning::Caption {
+            ui.heading("Caption");
+            ui.label("This is a text-to-image model: the prompt is its caption, as typed.");
+            return;
+        }
+        ui.heading("Class");
         match info.classes.clone() {
             Some(classes) => {
                 ui.horizontal(|ui| {

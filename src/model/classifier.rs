@@ -3,8 +3,8 @@
 //! conditioning class, and a Frechet distance on its pooled features, like the paper's
 //! FID-vs-window table).
 //!
-//! Four 3x3 stride-2 convolutions (BatchNorm folded in at export) with ReLU, a global average
-//! pool (the feature vector) and a linear head. The file also carries the mean and covariance
+//! 3x3 convolutions (BatchNorm folded in at export) with ReLU, their strides listed in the
+//! file's metadata, a global average pool (the feature vector) and a linear head. The file also carries the mean and covariance
 //! of the features of the real images over the eval class subset. Depends on candle only.
 
 use std::path::Path;
@@ -74,9 +74,6 @@ pub struct Classifier {
     device: Device,
 }
 
-/// Number of convolutions.
-const CONVS: usize = 4;
-
 impl Classifier {
     /// Loads `classifier.safetensors` (see the module doc).
     pub fn load(path: &Path, device: &Device) -> anyhow::Result<Self> {
@@ -84,13 +81,18 @@ impl Classifier {
             .with_context(|| format!("cannot read the classifier {}", path.display()))?;
         let meta = safetensors_metadata(path)?;
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, device);
-        let mut convs = Vec::with_capacity(CONVS);
-        for i in 0..CONVS {
+        let n = (0..)
+            .take_while(|i| tensors.contains_key(&format!("convs.{i}.weight")))
+            .count();
+        anyhow::ensure!(n > 0, "the classifier has no convolutions (convs.0.weight)");
+        let strides = strides(meta.get("strides").map(String::as_str), n)?;
+        let mut convs = Vec::with_capacity(n);
+        for (i, stride) in strides.into_iter().enumerate() {
             let w = vb.get_unchecked(&format!("convs.{i}.weight"))?;
             let (cout, cin, kh, _) = w.dims4()?;
             let cfg = Conv2dConfig {
                 padding: kh / 2,
-                stride: 2,
+                stride,
                 ..Default::default()
             };
             convs.push(candle_nn::conv2d(
@@ -157,6 +159,32 @@ impl Classifier {
             logits: logits.to_vec2()?,
         })
     }
+}
+
+/// The convolutions' strides from the file's `strides` entry ("2,1,2,..."); files without it
+/// are the first classifier, all stride 2.
+fn strides(entry: Option<&str>, convs: usize) -> anyhow::Result<Vec<usize>> {
+    let Some(entry) = entry else {
+        return Ok(vec![2; convs]);
+    };
+    let strides = entry
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&x| (1..=4).contains(&x))
+        })
+        .collect::<Option<Vec<_>>>()
+        .with_context(|| {
+            format!("the classifier's strides {entry:?} are not numbers from 1 to 4")
+        })?;
+    anyhow::ensure!(
+        strides.len() == convs,
+        "the classifier lists {} strides for {convs} convolutions",
+        strides.len()
+    );
+    Ok(strides)
 }
 
 fn safetensors_metadata(path: &Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
@@ -277,6 +305,16 @@ fn sym_eigen(a: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strides_come_from_the_file_or_default_to_two() {
+        assert_eq!(strides(None, 4).unwrap(), vec![2, 2, 2, 2]);
+        assert_eq!(strides(Some("2,1, 2,1"), 4).unwrap(), vec![2, 1, 2, 1]);
+        let e = strides(Some("2,1"), 4).unwrap_err().to_string();
+        assert!(e.contains("2 strides for 4 convolutions"), "{e}");
+        assert!(strides(Some("2,x,2,1"), 4).is_err());
+        assert!(strides(Some("2,0,2,1"), 4).is_err());
+    }
 
     fn stats(mean: Vec<f64>, cov: Vec<f64>) -> FeatureStats {
         FeatureStats { mean, cov }

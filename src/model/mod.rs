@@ -7,6 +7,7 @@ pub mod kv;
 pub mod llamagen;
 pub mod palette;
 pub mod registry;
+pub mod t5;
 
 use crate::decode::schedule::Layout;
 
@@ -15,14 +16,16 @@ use crate::decode::schedule::Layout;
 pub enum Condition {
     /// A class id of a class-conditional model.
     Class(u32),
-    /// Caption embeddings `[len, caption_dim]` (row-major) of a text-conditional model,
-    /// already left-aligned and zero-padded as the model expects.
+    /// The text encoder's rows `[len, caption_dim]` (row-major) for a caption of `len`
+    /// tokens, at most the model's caption length; the model places and masks them.
     Caption {
         /// Rows of the embedding.
         len: usize,
         /// Row-major values.
         values: Vec<f32>,
     },
+    /// A free-text caption for a text-conditional model, which encodes it itself.
+    Text(String),
 }
 
 /// One input of a forward pass.

@@ -10,6 +10,15 @@ use super::ImageArModel;
 use super::llamagen::{self, LlamaGen, Manifest};
 use crate::weights::{ModelKind, SamplingDefaults, WeightsError, read_header};
 
+/// What a model's images are conditioned on, as a caller gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conditioning {
+    /// A class id ([`super::Condition::Class`]); a prompt is matched to a class name.
+    Class,
+    /// A free-text caption ([`super::Condition::Text`]), encoded by the model's text encoder.
+    Caption,
+}
+
 /// What callers know about a loaded model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelCard {
@@ -21,6 +30,8 @@ pub struct ModelCard {
     pub kind: ModelKind,
     /// Token grid (rows, columns).
     pub grid: (usize, usize),
+    /// What the model is conditioned on.
+    pub conditioning: Conditioning,
     /// Classes of a class-conditional model (0 for a caption-conditioned one).
     pub num_classes: usize,
     /// Class names for prompt matching (`classes.json`), when the model has them.
@@ -78,6 +89,10 @@ fn card(dir: &Path, m: &Manifest) -> ModelCard {
         dir: dir.to_path_buf(),
         kind: m.kind,
         grid: (m.grid_h, m.grid_w),
+        conditioning: match m.kind {
+            ModelKind::LlamagenC2i => Conditioning::Class,
+            ModelKind::LlamagenT2i => Conditioning::Caption,
+        },
         num_classes: m.gpt.num_classes,
         classes: m.classes.as_ref().map(|f| dir.join(f)),
         classifier: m.classifier.as_ref().map(|f| dir.join(f)),

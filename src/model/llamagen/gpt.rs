@@ -187,6 +187,8 @@ struct RunState {
     batch: usize,
     opts: RunOptions,
     written: Vec<bool>,
+    /// Slots `0..hidden` are the caption's padding: never fed, never attended to.
+    hidden: usize,
 }
 
 /// The LlamaGen transformer.
@@ -326,17 +328,19 @@ impl Gpt {
                 table.forward(&ids)?.reshape((ids.dim(0)?, 1, dim))?
             }
             (CondEmbedding::Caption { fc1, fc2, uncond }, Condition::Caption { len, values }) => {
+                // LlamaGen's sampler moves the caption's padding to the left and masks it
+                // (for the unconditional caption too): the `len` rows go to the last slots.
                 let t = self.cfg.cls_token_num;
                 let cap = uncond.dim(1)?;
                 anyhow::ensure!(
-                    *len == t && values.len() == t * cap,
-                    "caption embedding must be {t} x {cap}, got {len} rows of {} values",
-                    values.len() / (*len).max(1)
+                    (1..=t).contains(len) && values.len() == len * cap,
+                    "caption embedding must be 1 to {t} rows of {cap} values, got {len} rows and {} values",
+                    values.len()
                 );
-                let c =
-                    Tensor::from_slice(values, (1, t, cap), &self.device)?.to_dtype(self.dtype)?;
+                let c = Tensor::from_slice(values, (1, *len, cap), &self.device)?
+                    .to_dtype(self.dtype)?;
                 let c = if cfg {
-                    Tensor::cat(&[c, uncond.unsqueeze(0)?], 0)?
+                    Tensor::cat(&[c, uncond.narrow(0, t - len, *len)?.unsqueeze(0)?], 0)?
                 } else {
                     c
                 };
@@ -346,6 +350,9 @@ impl Gpt {
             (CondEmbedding::Class(_), _) => {
                 anyhow::bail!("this model is class-conditional: give a class, not a caption")
             }
+            (CondEmbedding::Caption { .. }, Condition::Text(_)) => {
+                anyhow::bail!("this model has no text encoder to encode the caption with")
+            }
             (CondEmbedding::Caption { .. }, _) => {
                 anyhow::bail!("this model is text-conditional: give a caption, not a class")
             }
@@ -353,11 +360,14 @@ impl Gpt {
         Ok(x)
     }
 
-    /// Starts a run: fresh zeroed cache, condition fed at slots `0..T`.
+    /// Starts a run: fresh zeroed cache, condition fed at slots `T - rows..T` (a short
+    /// caption leaves the slots before it hidden, as LlamaGen's padding mask does).
     pub fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits> {
         let x = self.cond_embeddings(cond, opts.cfg)?;
-        let batch = x.dim(0)?;
+        let (batch, rows) = (x.dim(0)?, x.dim(1)?);
         let t = self.cfg.cls_token_num;
+        anyhow::ensure!(rows <= t, "the condition has {rows} rows for {t} slots");
+        let hidden = t - rows;
         let slots_total = t + self.grid.0 * self.grid.1;
         let kv = (0..self.cfg.n_layer)
             .map(|_| {
@@ -377,9 +387,10 @@ impl Gpt {
             batch,
             opts,
             written: vec![false; slots_total],
+            hidden,
         });
-        let slots: Vec<usize> = (0..t).collect();
-        self.forward_embeds(&x, &slots, &[t - 1])
+        let slots: Vec<usize> = (hidden..t).collect();
+        self.forward_embeds(&x, &slots, &[rows - 1])
     }
 
     /// One pass over several inputs at once.
@@ -431,11 +442,13 @@ impl Gpt {
             state.written[s] = true;
         }
         let len = slots.iter().copied().max().unwrap_or(0) + 1;
-        // Raster-causal over slots; optionally hide slots never written in this run.
-        // 0 for slots a query may attend to at all, -inf for never-written ones when masked.
+        // Raster-causal over slots; hide the caption's padding, and optionally slots never
+        // written in this run. 0 for slots a query may attend to at all, -inf for the others.
         let bias: Vec<f32> = (0..len)
             .map(|j| {
-                if !state.opts.mask_unwritten || state.written[j] {
+                if j < state.hidden {
+                    f32::NEG_INFINITY
+                } else if !state.opts.mask_unwritten || state.written[j] {
                     0.0
                 } else {
                     f32::NEG_INFINITY

@@ -38,6 +38,11 @@ pub struct Manifest {
     /// model ships one.
     #[serde(default)]
     pub classifier: Option<String>,
+    /// The text encoder's folder (FLAN-T5 in Hugging Face layout: `config.json`,
+    /// `tokenizer.json`, `model.safetensors` or its shard index), relative to the directory or
+    /// absolute; text-to-image models only.
+    #[serde(default)]
+    pub text_encoder: Option<String>,
     /// Decoding settings the model's authors recommend (used until the user sets others).
     #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
     pub defaults: SamplingDefaults,
@@ -95,6 +100,12 @@ impl Manifest {
             }
             (ModelKind::LlamagenC2i, Some(_)) => {
                 return Err(bad("a llamagen-c2i model has no caption_dim".into()));
+            }
+            (ModelKind::LlamagenC2i, None) if m.text_encoder.is_some() => {
+                return Err(bad(
+                    "a llamagen-c2i model has no text encoder: text_encoder is for llamagen-t2i"
+                        .into(),
+                ));
             }
             _ => {}
         }

@@ -12,6 +12,8 @@ pub use gpt::Gpt;
 pub use manifest::Manifest;
 pub use vq::VqDecoder;
 
+use crate::model::t5::TextEncoder;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,6 +34,8 @@ pub struct LlamaGen {
     pub dir: PathBuf,
     gpt: Gpt,
     vq: Arc<VqDecoder>,
+    /// The caption encoder of a text-to-image model whose manifest names one.
+    text: Option<TextEncoder>,
 }
 
 /// The GPT's compute type: f32 on the CPU, bf16 on CUDA, f16 on Metal.
@@ -98,11 +102,29 @@ impl LlamaGen {
         // The VQ decoder runs in f32 everywhere: it is small and its GroupNorms are sensitive.
         let vb = weights::var_builder(&vq_path, DType::F32, device)?;
         let vq = VqDecoder::load(&manifest.vq, vb).map_err(|e| weights::mismatch(&vq_path, e))?;
+        let text = match &manifest.text_encoder {
+            None => None,
+            Some(folder) => {
+                let t5_dir = dir.join(folder);
+                let enc = TextEncoder::load(&t5_dir, manifest.gpt.cls_token_num, device)?;
+                if manifest.gpt.caption_dim != Some(enc.dim) {
+                    return Err(WeightsError::Mismatch {
+                        path: t5_dir,
+                        msg: format!(
+                            "the text encoder gives rows of {} values but caption_dim is {:?}",
+                            enc.dim, manifest.gpt.caption_dim
+                        ),
+                    });
+                }
+                Some(enc)
+            }
+        };
         Ok(Self {
             manifest,
             dir: dir.to_path_buf(),
             gpt,
             vq: Arc::new(vq),
+            text,
         })
     }
 
@@ -131,7 +153,13 @@ impl ImageArModel for LlamaGen {
     }
 
     fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits> {
-        self.gpt.prefill(cond, opts)
+        match (cond, &mut self.text) {
+            (Condition::Text(caption), Some(enc)) => {
+                let rows = enc.encode(caption)?;
+                self.gpt.prefill(&rows, opts)
+            }
+            _ => self.gpt.prefill(cond, opts),
+        }
     }
 
     fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
