@@ -356,12 +356,24 @@ pub fn load_model(
             d
         }
     };
-    // Say what is being read when it is large enough to take a while.
+    // Say what is being read, with a progress bar per file, when it takes a while.
     let summary = registry::summary(&dir, device)?;
-    if summary.weight_bytes > 200_000_000 {
-        eprintln!("loading {}", summary.text);
+    if summary.weight_bytes <= 200_000_000 {
+        return Ok(registry::open(&dir, device)?);
     }
-    Ok(registry::open(&dir, device)?)
+    eprintln!("loading {}", summary.text);
+    let bar = indicatif::ProgressBar::new(summary.weight_bytes);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let model = registry::open_with_progress(&dir, device, &mut |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(format!("{} ({} of {})", p.file, p.index + 1, p.files));
+    });
+    bar.finish_and_clear();
+    Ok(model?)
 }
 
 /// NTP, then ZipAR for each window, adaptive for each minimum window, exact for each window.

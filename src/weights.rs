@@ -201,11 +201,14 @@ pub fn available_memory() -> Option<u64> {
 
 /// Reads every tensor of a weight file into memory (on the CPU, as stored).
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError> {
-    read_tensors_where(path, None)
+    read_tensors_where(path, None, &mut |_| {})
 }
 
 /// Which tensors of a file to read, by name.
 pub type Keep<'a> = &'a dyn Fn(&str) -> bool;
+
+/// Told the path of each file (each shard of a sharded checkpoint) before it is read.
+pub type OnFile<'a> = &'a mut dyn FnMut(&Path);
 
 /// Reads the tensors of a weight file (all, or those `keep` accepts) into memory, on the CPU,
 /// as stored. With `keep`, a `.safetensors` file is read tensor by tensor, so that only the
@@ -213,6 +216,7 @@ pub type Keep<'a> = &'a dyn Fn(&str) -> bool;
 pub fn read_tensors_where(
     path: &Path,
     keep: Option<Keep>,
+    on_file: OnFile,
 ) -> Result<HashMap<String, Tensor>, WeightsError> {
     if !path.is_file() {
         return Err(WeightsError::MissingFile(path.to_path_buf()));
@@ -221,7 +225,7 @@ pub fn read_tensors_where(
         // A sharded checkpoint: `*.safetensors.index.json` maps each tensor to its shard.
         let mut out = HashMap::new();
         for shard in shards {
-            match read_tensors_where(&shard, keep) {
+            match read_tensors_where(&shard, keep, on_file) {
                 Err(WeightsError::Empty(_)) if keep.is_some() => {}
                 r => out.extend(r?),
             }
@@ -231,6 +235,7 @@ pub fn read_tensors_where(
         }
         return Ok(out);
     }
+    on_file(path);
     let corrupt = |e: candle_core::Error| WeightsError::Corrupt {
         path: path.to_path_buf(),
         msg: first_line(&e.to_string()),
@@ -304,6 +309,53 @@ pub fn read_tensors_where(
     Ok(tensors)
 }
 
+/// The number of elements of the tensors `keep` accepts in a `.safetensors` file or shard
+/// index, from the headers alone (to estimate memory before loading).
+pub fn count_elements_where(path: &Path, keep: Keep) -> Result<u64, WeightsError> {
+    if let Some(shards) = shard_files(path)? {
+        let mut n = 0;
+        for shard in shards {
+            n += count_elements_where(&shard, keep)?;
+        }
+        return Ok(n);
+    }
+    let (header, _) = safetensors_header(path)?;
+    Ok(header
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__" && keep(name))
+        .filter_map(|(_, info)| info.get("shape")?.as_array().cloned())
+        .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
+        .sum())
+}
+
+type Header = serde_json::Map<String, serde_json::Value>;
+
+/// A `.safetensors` file's JSON header and the offset its data starts at.
+fn safetensors_header(path: &Path) -> Result<(Header, u64), WeightsError> {
+    use std::io::Read;
+    let corrupt = |msg: String| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if !path.is_file() {
+        return Err(WeightsError::MissingFile(path.to_path_buf()));
+    }
+    let io = |e: std::io::Error| corrupt(e.to_string());
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(corrupt(format!("its header length {n} is out of range")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let header: Header = serde_json::from_slice(&header)
+        .map_err(|e| corrupt(format!("its header is not JSON: {e}")))?;
+    Ok((header, 8 + n))
+}
+
 /// The tensors of a `.safetensors` file that `keep` accepts, each read from its own byte
 /// range (the format: an 8-byte little-endian header length, a JSON header naming each
 /// tensor's dtype, shape and byte range, then the data).
@@ -317,18 +369,9 @@ fn read_safetensors_where(
         msg,
     };
     let io = |e: std::io::Error| corrupt(e.to_string());
+    let (header, start) = safetensors_header(path)?;
     let mut f = std::fs::File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(io)?;
-    let n = u64::from_le_bytes(len);
-    if n > 100_000_000 || 8 + n > file_len {
-        return Err(corrupt(format!("its header length {n} is out of range")));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(io)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| corrupt(format!("its header is not JSON: {e}")))?;
     let mut out = HashMap::new();
     for (name, info) in &header {
         if name == "__metadata__" || !keep(name) {
@@ -358,12 +401,12 @@ fn read_safetensors_where(
             .try_fold(dtype.size_in_bytes() as u64, |acc, &d| {
                 acc.checked_mul(d as u64)
             });
-        if a > b || Some(b - a) != bytes || 8 + n + b > file_len {
+        if a > b || Some(b - a) != bytes || start + b > file_len {
             return Err(bad(
                 "its byte range does not match its shape or lies outside the file",
             ));
         }
-        f.seek(SeekFrom::Start(8 + n + a)).map_err(io)?;
+        f.seek(SeekFrom::Start(start + a)).map_err(io)?;
         let mut buf = vec![0u8; (b - a) as usize];
         f.read_exact(&mut buf).map_err(io)?;
         let t = Tensor::from_raw_buffer(&buf, dtype, &shape, &Device::Cpu)
@@ -467,17 +510,19 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, WeightsError> {
-    var_builder_where(path, None, dtype, device)
+    var_builder_where(path, None, dtype, device, &mut |_| {})
 }
 
-/// [`var_builder`] over the tensors `keep` accepts (all with `None`).
+/// [`var_builder`] over the tensors `keep` accepts (all with `None`), telling `on_file` of
+/// each file it reads.
 pub fn var_builder_where(
     path: &Path,
     keep: Option<Keep>,
     dtype: DType,
     device: &Device,
+    on_file: OnFile,
 ) -> Result<VarBuilder<'static>, WeightsError> {
-    let tensors = read_tensors_where(path, keep)?;
+    let tensors = read_tensors_where(path, keep, on_file)?;
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 

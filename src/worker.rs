@@ -110,6 +110,13 @@ pub enum Event {
         /// One line, see [`crate::model::registry::summary`].
         detail: String,
     },
+    /// A load reached its next weight file.
+    LoadProgress {
+        /// Job id.
+        job: JobId,
+        /// Where it stands.
+        progress: crate::model::registry::LoadProgress,
+    },
     /// A model could not be loaded; the previous one (if any) stays.
     ModelFailed {
         /// Job id.
@@ -169,6 +176,7 @@ impl Event {
         match self {
             Event::ModelLoaded { job, .. }
             | Event::Loading { job, .. }
+            | Event::LoadProgress { job, .. }
             | Event::ModelFailed { job, .. }
             | Event::Started { job, .. }
             | Event::Pass { job, .. }
@@ -336,7 +344,13 @@ impl Worker {
         let dir = source.dir();
         let detail = registry::summary(&dir, &dev)?.text;
         self.emit(Event::Loading { job, detail });
-        let registry::LoadedModel { model, card } = registry::open(&dir, &dev)?;
+        let registry::LoadedModel { model, card } =
+            registry::open_with_progress(&dir, &dev, &mut |p| {
+                self.emit(Event::LoadProgress {
+                    job,
+                    progress: p.clone(),
+                })
+            })?;
         let classes = match &card.classes {
             Some(f) => Some(Arc::new(ClassIndex::load(f)?)),
             None => None,

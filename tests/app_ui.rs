@@ -521,3 +521,42 @@ fn recorded_attention_shows_where_a_hovered_token_looked() {
     );
     assert!(h.query_by_label_contains("no attention recorded").is_some());
 }
+
+/// A text-to-image model folder: the prompt becomes a caption box, the class picker gives way
+/// to a note, the load reports every weight file (the T5 shards too), and a typed caption
+/// generates through the model's T5 with ZipAR.
+#[test]
+fn a_text_to_image_model_takes_a_free_text_caption() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut h = harness(settings(out.path()));
+    step_until(&mut h, "the model", model_ready);
+    assert!(h.query_by_label("Prompt").is_some());
+    let t2i = fixture("tiny_t2i_text");
+    h.state_mut().settings.model_dir = Some(t2i.clone());
+    h.state_mut()
+        .load_model(zipar_studio::worker::ModelSource::Dir(t2i));
+    step_until(&mut h, "the t2i model", model_ready);
+    let p = h.state().load_progress.clone().expect("load progress");
+    assert_eq!((p.index, p.files), (6, 7), "gpt, vq and 5 T5 shards: {p:?}");
+    assert!(p.file.starts_with("t5/model-00005"), "{p:?}");
+    assert!(h.query_by_label("Prompt").is_none());
+    h.get_by_label("Caption").click();
+    h.step();
+    h.get_by_label("Caption")
+        .type_text("a red apple on a wooden table");
+    h.step();
+    h.state_mut().settings.mode = Mode::Zipar;
+    h.state_mut().settings.window = 3;
+    h.key_press(egui::Key::Enter);
+    step_until(&mut h, "the run", finished);
+    let run = h.state().runs().next().cloned().expect("a run");
+    assert_eq!(run.status, RunStatus::Done, "{:?}", h.state().status);
+    assert_eq!(run.passes_done(), 24);
+    assert!(h.query_by_label_contains("free-text caption").is_some());
+    // An empty caption is refused with a message.
+    h.state_mut().settings.prompt.clear();
+    h.state_mut().generate(false);
+    h.step();
+    let (msg, is_err) = h.state().status.clone().expect("status");
+    assert!(is_err && msg.contains("type a caption"), "{msg}");
+}

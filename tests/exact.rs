@@ -556,3 +556,31 @@ fn greedy_exact_decoding_is_greedy_ntp_token_for_token() {
         }
     }
 }
+
+/// The adaptive planner assumes the raster layout: on an end-of-row model it is refused with a
+/// clear message instead of decoding the separators as image tokens.
+#[test]
+fn the_adaptive_window_is_refused_on_an_end_of_row_layout() {
+    let mut model = Setup::small(Layout::EndOfRow, 2).mock();
+    let params = GenerateParams {
+        mode: Mode::Adaptive,
+        window: 2,
+        cfg_scale: 1.0,
+        sampling: T1,
+        seed: 0,
+        mask_unwritten: false,
+    };
+    let e = generate(&mut model, &Condition::Class(0), &params, &mut |_| {
+        Flow::Continue
+    })
+    .expect_err("refused")
+    .to_string();
+    assert!(e.contains("raster layout only"), "{e}");
+    let raster = &mut Setup::small(Layout::Raster, 2).mock();
+    assert!(
+        generate(raster, &Condition::Class(0), &params, &mut |_| {
+            Flow::Continue
+        })
+        .is_ok()
+    );
+}

@@ -183,3 +183,53 @@ fn the_cli_generates_from_a_caption_with_zipar() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("text-conditional"), "{stderr}");
 }
+
+/// T5's encoder tensors are read out of the shards alone (the rest is never read), their
+/// element count comes from the headers without reading data, and a load reports each file
+/// before reading it, with the bytes before it.
+#[test]
+fn the_encoder_is_read_alone_and_loading_reports_every_shard() {
+    use zipar_studio::model::t5;
+    use zipar_studio::weights;
+    let dir = fixture(FIXTURE).join("t5");
+    let index = t5::weight_file(&dir);
+    let all = weights::read_tensors(&index).expect("reads");
+    let mut seen = Vec::new();
+    let enc = weights::read_tensors_where(
+        &index,
+        Some(&|n: &str| n.starts_with("encoder.block.0.")),
+        &mut |p| seen.push(p.to_path_buf()),
+    )
+    .expect("reads");
+    assert!(!enc.is_empty() && enc.len() < all.len());
+    assert!(enc.keys().all(|k| k.starts_with("encoder.block.0.")));
+    assert_eq!(seen.len(), 5, "every shard is visited: {seen:?}");
+    for (k, t) in &enc {
+        let diff = (t - &all[k]).expect("same shape").abs().expect("abs");
+        let max = diff
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("f32");
+        assert_eq!(max, 0.0, "{k}");
+    }
+    let counted = t5::encoder_params(&dir).expect("counts");
+    let expected: usize = all
+        .iter()
+        .filter(|(k, _)| t5::is_encoder_tensor(k))
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    assert_eq!(counted, expected as u64);
+
+    let mut reports = Vec::new();
+    registry::open_with_progress(&fixture(FIXTURE), &Device::Cpu, &mut |p| {
+        reports.push(p.clone())
+    })
+    .expect("loads");
+    let files: Vec<&str> = reports.iter().map(|p| p.file.as_str()).collect();
+    assert_eq!(files[..2], ["gpt.safetensors", "../tiny/vq.safetensors"]);
+    assert_eq!(files.len(), 7, "{files:?}");
+    assert!(reports.windows(2).all(|w| w[0].done < w[1].done));
+    let total = reports[0].total;
+    assert!(reports.iter().all(|p| p.total == total && p.done < total));
+}

@@ -68,6 +68,8 @@ pub struct StudioApp {
     pub model_error: Option<String>,
     /// What the model being loaded reads and takes in memory (from the worker).
     pub loading_detail: Option<String>,
+    /// Where the load stands (per weight file).
+    pub load_progress: Option<crate::model::registry::LoadProgress>,
     last_matched_prompt: String,
     /// Job id of the load that produced the current model.
     model_job: JobId,
@@ -103,6 +105,7 @@ impl StudioApp {
             status: None,
             model_error: None,
             loading_detail: None,
+            load_progress: None,
             last_matched_prompt: String::new(),
             model_job: 0,
             palette: None,
@@ -145,6 +148,7 @@ impl StudioApp {
         self.model_error = None;
         self.model = ModelState::Loading(job);
         self.loading_detail = None;
+        self.load_progress = None;
         self.worker.send(Command::LoadModel {
             job,
             source,
@@ -280,6 +284,11 @@ impl StudioApp {
                     self.loading_detail = Some(detail);
                 }
             }
+            Event::LoadProgress { progress, .. } => {
+                if matches!(self.model, ModelState::Loading(j) if j == job) {
+                    self.load_progress = Some(progress);
+                }
+            }
             Event::ModelFailed { error, .. } => {
                 if matches!(self.model, ModelState::Loading(j) if j == job) {
                     self.model_error = Some(error.clone());
@@ -328,6 +337,7 @@ impl StudioApp {
                     }
                     Event::ModelLoaded { .. }
                     | Event::Loading { .. }
+                    | Event::LoadProgress { .. }
                     | Event::ModelFailed { .. }
                     | Event::Palette { .. } => {}
                 }
@@ -628,6 +638,17 @@ impl StudioApp {
         if let (ModelState::Loading(_), Some(d)) = (&self.model, &self.loading_detail) {
             // wraps within the panel: the detail line can be long
             ui.add(egui::Label::new(egui::RichText::new(d).small().weak()).wrap());
+            if let Some(p) = &self.load_progress {
+                let frac = p.done as f32 / p.total.max(1) as f32;
+                ui.add(egui::ProgressBar::new(frac).text(format!(
+                    "{} ({} of {}), {} of {}",
+                    p.file,
+                    p.index + 1,
+                    p.files,
+                    weights::human_bytes(p.done as f64),
+                    weights::human_bytes(p.total as f64)
+                )));
+            }
         }
         ui.horizontal(|ui| {
             if ui.button("Built-in").clicked() {
@@ -762,7 +783,7 @@ impl StudioApp {
             return;
         };
         if info.conditioning == Conditioning::Caption {
-            ui.heading("Caption");
+            ui.heading("Text-to-image");
             ui.label("This is a text-to-image model: the prompt is its caption, as typed.");
             return;
         }

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::adaptive::{self, AdaptivePlanner, Outcome, Role, Token};
 use super::sampling::{Sampler, Sampling, SamplingError, cfg_combine, distribution, validate_cfg};
-use super::schedule::{Cell, Mode, Pass, Schedule, ScheduleError, Source, windows_from_passes};
+use super::schedule::{
+    Cell, Layout, Mode, Pass, Schedule, ScheduleError, Source, windows_from_passes,
+};
 use super::trace::DecodeTrace;
 use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions, TokenAttention};
 
@@ -90,6 +92,9 @@ pub enum EngineError {
     /// Sampling settings out of range.
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    /// The mode cannot decode this model's token layout.
+    #[error("{0}")]
+    Unsupported(String),
     /// The model failed. (Not a `#[source]`: the message already holds the whole chain, and
     /// a source would print it twice.)
     #[error("model error: {0:#}")]
@@ -133,6 +138,13 @@ pub fn generate(
     let (h, w) = model.grid();
     if params.mode == Mode::Exact {
         return super::exact::generate(model, cond, params, sink);
+    }
+    if params.mode == Mode::Adaptive && model.layout() != Layout::Raster {
+        return Err(EngineError::Unsupported(
+            "the adaptive window is implemented for the raster layout only: this model ends \
+             its rows with a separator token; use zipar or exact"
+                .into(),
+        ));
     }
     if params.mode == Mode::Adaptive && h >= 2 && params.window < w {
         return generate_adaptive(model, cond, params, sink);

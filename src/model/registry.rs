@@ -65,11 +65,55 @@ pub fn summary(dir: &Path, device: &Device) -> Result<llamagen::LoadSummary, Wei
     }
 }
 
+/// Where a load stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadProgress {
+    /// The file being read (its name, with its shard's name for a sharded checkpoint).
+    pub file: String,
+    /// Index of that file among the load's files.
+    pub index: usize,
+    /// Number of files the load reads.
+    pub files: usize,
+    /// Bytes of the files before it.
+    pub done: u64,
+    /// Bytes of all the load's files.
+    pub total: u64,
+}
+
 /// Loads the model folder `dir` onto `device` with the loader of its kind.
 pub fn open(dir: &Path, device: &Device) -> Result<LoadedModel, WeightsError> {
+    open_with_progress(dir, device, &mut |_| {})
+}
+
+/// [`open`], telling `progress` before each weight file (or shard) is read.
+pub fn open_with_progress(
+    dir: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(&LoadProgress),
+) -> Result<LoadedModel, WeightsError> {
     match read_header(dir)?.kind {
         ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => {
-            let model = LlamaGen::load(dir, device)?;
+            let files = llamagen::weight_files(dir)?;
+            let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+            let total: u64 = files.iter().map(|p| size(p)).sum();
+            let (mut index, mut done) = (0, 0u64);
+            let mut on_file = |p: &Path| {
+                let file = p
+                    .strip_prefix(dir)
+                    .unwrap_or(p)
+                    .to_string_lossy()
+                    .into_owned();
+                progress(&LoadProgress {
+                    file,
+                    index,
+                    files: files.len(),
+                    done,
+                    total,
+                });
+                index += 1;
+                done += size(p);
+            };
+            let model = LlamaGen::load_with(dir, device, &mut on_file)?;
             let card = card(dir, &model.manifest);
             Ok(LoadedModel {
                 model: Box::new(model),

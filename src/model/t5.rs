@@ -53,6 +53,16 @@ pub fn weight_file(dir: &Path) -> PathBuf {
     }
 }
 
+/// Whether a tensor of a T5 checkpoint belongs to the encoder (the rest is the decoder's).
+pub fn is_encoder_tensor(name: &str) -> bool {
+    name.starts_with("shared.") || name.starts_with("encoder.")
+}
+
+/// The encoder's parameter count in the folder `dir`, from the weight headers alone.
+pub fn encoder_params(dir: &Path) -> Result<u64, WeightsError> {
+    weights::count_elements_where(&weight_file(dir), &is_encoder_tensor)
+}
+
 /// The encoder's compute type: f32 on the CPU and on Metal (T5 overflows in f16), bf16 on
 /// CUDA as LlamaGen runs it.
 fn dtype(device: &Device) -> DType {
@@ -65,6 +75,16 @@ fn dtype(device: &Device) -> DType {
 impl TextEncoder {
     /// Loads the folder `dir`; captions are cut to `max_tokens` tokens (`</s>` included).
     pub fn load(dir: &Path, max_tokens: usize, device: &Device) -> Result<Self, WeightsError> {
+        Self::load_with(dir, max_tokens, device, &mut |_| {})
+    }
+
+    /// [`TextEncoder::load`], telling `on_file` of each weight file before it is read.
+    pub fn load_with(
+        dir: &Path,
+        max_tokens: usize,
+        device: &Device,
+        on_file: weights::OnFile,
+    ) -> Result<Self, WeightsError> {
         let config_path = dir.join("config.json");
         let bad = |path: &Path, msg: String| WeightsError::BadManifest {
             path: path.to_path_buf(),
@@ -94,8 +114,8 @@ impl TextEncoder {
             .map_err(|e| bad(&tok_path, format!("cannot truncate to {max_tokens}: {e}")))?;
         let path = weight_file(dir);
         // The encoder's half of the checkpoint only (FLAN-T5's files hold the decoder too).
-        let keep = |name: &str| name.starts_with("shared.") || name.starts_with("encoder.");
-        let vb = weights::var_builder_where(&path, Some(&keep), dtype(device), device)?;
+        let keep = is_encoder_tensor;
+        let vb = weights::var_builder_where(&path, Some(&keep), dtype(device), device, on_file)?;
         let model = T5EncoderModel::load(vb, &cfg).map_err(|e| weights::mismatch(&path, e))?;
         Ok(Self {
             tokenizer,

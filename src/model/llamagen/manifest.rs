@@ -63,12 +63,18 @@ impl Manifest {
         bounded("grid_h", m.grid_h, 1, 512)
             .and_then(|()| bounded("grid_w", m.grid_w, 1, 512))
             .map_err(&bad)?;
-        if let Some(need) = m.memory_needed()
+        let text_params = match &m.text_encoder {
+            Some(folder) => crate::model::t5::encoder_params(&dir.join(folder))?,
+            None => 0,
+        };
+        if let Some(need) = m
+            .memory_needed()
+            .and_then(|n| n.checked_add(text_params.checked_mul(4)?))
             && let Some(have) = available_memory()
             && need > have
         {
             return Err(bad(format!(
-                "this model needs about {} (weights in f32, KV cache, VQ decoder) but only {} of memory is available",
+                "this model needs about {} (weights in f32, KV cache, VQ decoder, text encoder) but only {} of memory is available",
                 human_bytes(need as f64),
                 human_bytes(have as f64)
             )));

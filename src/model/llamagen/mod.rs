@@ -57,6 +57,25 @@ pub struct LoadSummary {
     pub text: String,
 }
 
+/// Every file a load of `dir` reads, shards one by one, in order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
+    let m = Manifest::read(dir)?;
+    let mut files = Vec::new();
+    let mut push = |p: PathBuf| -> Result<(), WeightsError> {
+        match weights::shard_files(&p)? {
+            Some(shards) => files.extend(shards),
+            None => files.push(p),
+        }
+        Ok(())
+    };
+    push(dir.join(&m.gpt_weights))?;
+    push(dir.join(&m.vq_weights))?;
+    if let Some(folder) = &m.text_encoder {
+        push(crate::model::t5::weight_file(&dir.join(folder)))?;
+    }
+    Ok(files)
+}
+
 /// The [`LoadSummary`] of loading `dir` onto `device`.
 pub fn load_summary(dir: &Path, device: &Device) -> Result<LoadSummary, WeightsError> {
     let m = Manifest::read(dir)?;
@@ -64,6 +83,23 @@ pub fn load_summary(dir: &Path, device: &Device) -> Result<LoadSummary, WeightsE
     let (gpt_bytes, vq_bytes) = (size(&m.gpt_weights), size(&m.vq_weights));
     let dtype = gpt_dtype(device);
     let params = m.gpt.num_params();
+    let (text_bytes, text_line) = match &m.text_encoder {
+        None => (0, String::new()),
+        Some(folder) => {
+            let t5_dir = dir.join(folder);
+            let bytes = weights::weight_bytes(&crate::model::t5::weight_file(&t5_dir));
+            let params = crate::model::t5::encoder_params(&t5_dir)?;
+            (
+                bytes,
+                format!(
+                    "; text encoder {folder} {} on disk, {:.1}M encoder parameters, about {}",
+                    human_bytes(bytes as f64),
+                    params as f64 / 1e6,
+                    human_bytes(params as f64 * 4.0)
+                ),
+            )
+        }
+    };
     let text = format!(
         "{} {} + {} {}: GPT {:.1}M parameters, about {} as {:?} on {}",
         m.gpt_weights,
@@ -74,9 +110,9 @@ pub fn load_summary(dir: &Path, device: &Device) -> Result<LoadSummary, WeightsE
         human_bytes((params * dtype.size_in_bytes()) as f64),
         dtype,
         device_name(device),
-    );
+    ) + &text_line;
     Ok(LoadSummary {
-        weight_bytes: gpt_bytes + vq_bytes,
+        weight_bytes: gpt_bytes + vq_bytes + text_bytes,
         text,
     })
 }
@@ -92,21 +128,32 @@ fn device_name(d: &Device) -> &'static str {
 impl LlamaGen {
     /// Loads the model directory `dir` onto `device` (GPT in [`gpt_dtype`], VQ in f32).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, WeightsError> {
+        Self::load_with(dir, device, &mut |_| {})
+    }
+
+    /// [`LlamaGen::load`], telling `on_file` of each file (see [`weight_files`]) before it is
+    /// read.
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        on_file: weights::OnFile,
+    ) -> Result<Self, WeightsError> {
         let manifest = Manifest::read(dir)?;
         let dtype = gpt_dtype(device);
         let gpt_path = dir.join(&manifest.gpt_weights);
-        let vb = weights::var_builder(&gpt_path, dtype, device)?;
+        let vb = weights::var_builder_where(&gpt_path, None, dtype, device, on_file)?;
         let gpt = Gpt::load(&manifest.gpt, manifest.grid_h, manifest.grid_w, vb)
             .map_err(|e| weights::mismatch(&gpt_path, e))?;
         let vq_path = dir.join(&manifest.vq_weights);
         // The VQ decoder runs in f32 everywhere: it is small and its GroupNorms are sensitive.
-        let vb = weights::var_builder(&vq_path, DType::F32, device)?;
+        let vb = weights::var_builder_where(&vq_path, None, DType::F32, device, on_file)?;
         let vq = VqDecoder::load(&manifest.vq, vb).map_err(|e| weights::mismatch(&vq_path, e))?;
         let text = match &manifest.text_encoder {
             None => None,
             Some(folder) => {
                 let t5_dir = dir.join(folder);
-                let enc = TextEncoder::load(&t5_dir, manifest.gpt.cls_token_num, device)?;
+                let enc =
+                    TextEncoder::load_with(&t5_dir, manifest.gpt.cls_token_num, device, on_file)?;
                 if manifest.gpt.caption_dim != Some(enc.dim) {
                     return Err(WeightsError::Mismatch {
                         path: t5_dir,
