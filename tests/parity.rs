@@ -316,16 +316,15 @@ fn candle_attention_path_agrees_with_the_cpu_kernels() {
         let vb = zipar_studio::weights::var_builder(&path, dtype, &Device::Cpu).expect("weights");
         Gpt::load(&manifest.gpt, manifest.grid_h, manifest.grid_w, vb).expect("gpt")
     };
-    let run = |gpt: &mut Gpt| {
+    let run = |gpt: &Gpt| {
         let opts = RunOptions {
             cfg: true,
             mask_unwritten: true,
         };
-        let mut out = flat(
-            &gpt.prefill(&Condition::Class(1), opts)
-                .expect("prefill")
-                .cond,
-        );
+        let (mut s, first) = gpt
+            .start(&Condition::Class(1), opts, None)
+            .expect("prefill");
+        let mut out = flat(&first.cond);
         let row0: Vec<ModelInput> = (0..6)
             .map(|pos| ModelInput {
                 token: (pos * 7 % 96) as u32,
@@ -333,18 +332,18 @@ fn candle_attention_path_agrees_with_the_cpu_kernels() {
                 wants_logits: true,
             })
             .collect();
-        out.extend(flat(&gpt.step(&row0).expect("row 0").cond));
+        out.extend(flat(&gpt.step(&mut s, &row0).expect("row 0").cond));
         // Two rows at once, with most of row 1 never written.
         let staircase = [(11, 6), (3, 7), (40, 12)].map(|(token, pos)| ModelInput {
             token,
             pos,
             wants_logits: true,
         });
-        out.extend(flat(&gpt.step(&staircase).expect("staircase").cond));
+        out.extend(flat(&gpt.step(&mut s, &staircase).expect("staircase").cond));
         out
     };
-    let fast = run(&mut build(DType::F32));
-    let candle = run(&mut build(DType::F16));
+    let fast = run(&build(DType::F32));
+    let candle = run(&build(DType::F16));
     let diff = max_abs_diff(&fast, &candle);
     assert!(diff < 0.05, "f32 kernels vs f16 candle path: {diff}");
 }
@@ -461,4 +460,48 @@ fn the_z_test_accepts_ntp_samples_and_rejects_samples_from_another_law() {
     assert!(exact.abs() < 4.0, "NTP's own law: z = {exact}");
     let hot = z(law(1.6));
     assert!(hot > 4.0, "samples from a hotter law: z = {hot}");
+}
+
+/// The GPT does not change during a run: the run's cache is a session value, so two sessions
+/// on one loaded GPT, interleaved pass by pass, give each the logits it gets alone.
+#[test]
+fn two_sessions_on_one_gpt_do_not_see_each_other() {
+    use zipar_studio::model::llamagen::Gpt;
+    let dir = fixture("tiny");
+    let manifest = zipar_studio::model::llamagen::Manifest::read(&dir).expect("manifest");
+    let path = dir.join(&manifest.gpt_weights);
+    let vb = zipar_studio::weights::var_builder(&path, candle_core::DType::F32, &Device::Cpu)
+        .expect("weights");
+    let gpt = Gpt::load(&manifest.gpt, manifest.grid_h, manifest.grid_w, vb).expect("gpt");
+    let opts = RunOptions::default();
+    let feed = |pos: usize, class: u32| {
+        [ModelInput {
+            token: (pos as u32 * 5 + class) % 96,
+            pos,
+            wants_logits: true,
+        }]
+    };
+    let alone = |class: u32| {
+        let (mut s, first) = gpt
+            .start(&Condition::Class(class), opts, None)
+            .expect("start");
+        let mut out = flat(&first.cond);
+        for pos in 0..8 {
+            out.extend(flat(
+                &gpt.step(&mut s, &feed(pos, class)).expect("step").cond,
+            ));
+        }
+        out
+    };
+    let (a_alone, b_alone) = (alone(1), alone(2));
+    let (mut a, fa) = gpt.start(&Condition::Class(1), opts, None).expect("start");
+    let (mut b, fb) = gpt.start(&Condition::Class(2), opts, None).expect("start");
+    let (mut a_out, mut b_out) = (flat(&fa.cond), flat(&fb.cond));
+    for pos in 0..8 {
+        a_out.extend(flat(&gpt.step(&mut a, &feed(pos, 1)).expect("a").cond));
+        b_out.extend(flat(&gpt.step(&mut b, &feed(pos, 2)).expect("b").cond));
+    }
+    assert_eq!(a_out, a_alone);
+    assert_eq!(b_out, b_alone);
+    assert_ne!(a_out, b_out);
 }

@@ -181,14 +181,35 @@ enum CondEmbedding {
     },
 }
 
+/// One run's state: its KV cache and what it has written, made by [`Gpt::start`] and advanced
+/// by [`Gpt::step`]. The GPT itself does not change during a run (candle's way: the cache is
+/// passed next to the model), so one loaded GPT can serve several sessions.
 #[derive(Debug)]
-struct RunState {
+pub struct Session {
     kv: Vec<LayerKv>,
     batch: usize,
     opts: RunOptions,
     written: Vec<bool>,
     /// Slots `0..hidden` are the caption's padding: never fed, never attended to.
     hidden: usize,
+    /// Record attention probabilities in each pass, keeping this layer's heads one by one
+    /// (`None`: nothing is computed).
+    capture: Option<usize>,
+    captured: Option<PassAttention>,
+}
+
+impl Session {
+    /// Starts (`Some(layer)`) or stops recording attention from the next pass on.
+    pub fn set_attention_capture(&mut self, head_layer: Option<usize>) {
+        let layers = self.kv.len().max(1);
+        self.capture = head_layer.map(|l| l.min(layers - 1));
+        self.captured = None;
+    }
+
+    /// The last pass's attention, when capture is on.
+    pub fn take_attention(&mut self) -> Option<PassAttention> {
+        self.captured.take()
+    }
 }
 
 /// The LlamaGen transformer.
@@ -204,11 +225,6 @@ pub struct Gpt {
     rope: Rope2d,
     device: Device,
     dtype: DType,
-    state: Option<RunState>,
-    /// Record attention probabilities in each pass (off: nothing is computed).
-    capture: bool,
-    head_layer: usize,
-    captured: Option<PassAttention>,
 }
 
 /// The conditional half of each layer's probabilities `[B, H, k, len]`: the mean over heads
@@ -277,30 +293,12 @@ impl Gpt {
             )?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
-            state: None,
-            capture: false,
-            head_layer: 0,
-            captured: None,
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &GptConfig {
         &self.cfg
-    }
-
-    /// Starts or stops recording attention (see [`ImageArModel::set_attention_capture`]).
-    pub fn set_attention_capture(&mut self, head_layer: Option<usize>) {
-        self.capture = head_layer.is_some();
-        self.head_layer = head_layer
-            .unwrap_or(0)
-            .min(self.cfg.n_layer.saturating_sub(1));
-        self.captured = None;
-    }
-
-    /// The last pass's attention, when capture is on.
-    pub fn take_attention(&mut self) -> Option<PassAttention> {
-        self.captured.take()
     }
 
     /// The device the weights live on.
@@ -360,9 +358,16 @@ impl Gpt {
         Ok(x)
     }
 
-    /// Starts a run: fresh zeroed cache, condition fed at slots `T - rows..T` (a short
-    /// caption leaves the slots before it hidden, as LlamaGen's padding mask does).
-    pub fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits> {
+    /// Starts a run: a session with a fresh zeroed cache, the condition fed at slots
+    /// `T - rows..T` (a short caption leaves the slots before it hidden, as LlamaGen's padding
+    /// mask does), and the logits predicting the first token. `capture` as in
+    /// [`Session::set_attention_capture`].
+    pub fn start(
+        &self,
+        cond: &Condition,
+        opts: RunOptions,
+        capture: Option<usize>,
+    ) -> anyhow::Result<(Session, PassLogits)> {
         let x = self.cond_embeddings(cond, opts.cfg)?;
         let (batch, rows) = (x.dim(0)?, x.dim(1)?);
         let t = self.cfg.cls_token_num;
@@ -382,22 +387,23 @@ impl Gpt {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        self.state = Some(RunState {
+        let mut session = Session {
             kv,
             batch,
             opts,
             written: vec![false; slots_total],
             hidden,
-        });
+            capture: None,
+            captured: None,
+        };
+        session.set_attention_capture(capture);
         let slots: Vec<usize> = (hidden..t).collect();
-        self.forward_embeds(&x, &slots, &[rows - 1])
+        let logits = self.forward_embeds(&mut session, &x, &slots, &[rows - 1])?;
+        Ok((session, logits))
     }
 
-    /// One pass over several inputs at once.
-    pub fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
-        let Some(state) = &self.state else {
-            anyhow::bail!("step called before prefill");
-        };
+    /// One pass of `session` over several inputs at once.
+    pub fn step(&self, session: &mut Session, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
         anyhow::ensure!(!inputs.is_empty(), "a pass needs at least one input");
         let t = self.cfg.cls_token_num;
         let cells = self.grid.0 * self.grid.1;
@@ -423,20 +429,18 @@ impl Gpt {
         let x = self
             .tok_embeddings
             .forward(&ids)?
-            .broadcast_as((state.batch, k, self.cfg.dim))?
+            .broadcast_as((session.batch, k, self.cfg.dim))?
             .contiguous()?;
-        self.forward_embeds(&x, &slots, &want)
+        self.forward_embeds(session, &x, &slots, &want)
     }
 
     fn forward_embeds(
-        &mut self,
+        &self,
+        state: &mut Session,
         x: &Tensor,
         slots: &[usize],
         want: &[usize],
     ) -> anyhow::Result<PassLogits> {
-        let Some(state) = self.state.as_mut() else {
-            anyhow::bail!("no run in progress");
-        };
         let dev = &self.device;
         for &s in slots {
             state.written[s] = true;
@@ -456,7 +460,7 @@ impl Gpt {
             })
             .collect();
         let layout = key_layout(dev, self.dtype);
-        let capture = self.capture;
+        let capture = state.capture.is_some();
         let mask = if layout == KeyLayout::Transposed && !capture {
             None
         } else {
@@ -506,12 +510,12 @@ impl Gpt {
             }
             h.reshape((b, k, dim))
         })?;
-        if capture {
-            self.captured = Some(pass_attention(
+        if let Some(head_layer) = state.capture {
+            state.captured = Some(pass_attention(
                 &probs,
                 slots,
                 self.cfg.cls_token_num,
-                self.head_layer,
+                head_layer,
             )?);
         }
         if want.is_empty() {

@@ -8,7 +8,7 @@ pub mod rope2d;
 pub mod vq;
 
 pub use config::{GptConfig, VqConfig};
-pub use gpt::Gpt;
+pub use gpt::{Gpt, Session};
 pub use manifest::Manifest;
 pub use vq::VqDecoder;
 
@@ -36,6 +36,10 @@ pub struct LlamaGen {
     vq: Arc<VqDecoder>,
     /// The caption encoder of a text-to-image model whose manifest names one.
     text: Option<TextEncoder>,
+    /// The run in progress.
+    session: Option<Session>,
+    /// Attention capture asked for (the layer whose heads are kept), for this and later runs.
+    capture: Option<usize>,
 }
 
 /// The GPT's compute type: f32 on the CPU, bf16 on CUDA, f16 on Metal.
@@ -172,6 +176,8 @@ impl LlamaGen {
             gpt,
             vq: Arc::new(vq),
             text,
+            session: None,
+            capture: None,
         })
     }
 
@@ -200,26 +206,37 @@ impl ImageArModel for LlamaGen {
     }
 
     fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits> {
-        match (cond, &mut self.text) {
+        self.session = None;
+        let encoded;
+        let cond = match (cond, &mut self.text) {
             (Condition::Text(caption), Some(enc)) => {
-                let rows = enc.encode(caption)?;
-                self.gpt.prefill(&rows, opts)
+                encoded = enc.encode(caption)?;
+                &encoded
             }
-            _ => self.gpt.prefill(cond, opts),
-        }
+            _ => cond,
+        };
+        let (session, logits) = self.gpt.start(cond, opts, self.capture)?;
+        self.session = Some(session);
+        Ok(logits)
     }
 
     fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
-        self.gpt.step(inputs)
+        let Some(session) = self.session.as_mut() else {
+            anyhow::bail!("step called before prefill");
+        };
+        self.gpt.step(session, inputs)
     }
 
     fn set_attention_capture(&mut self, head_layer: Option<usize>) -> bool {
-        self.gpt.set_attention_capture(head_layer);
+        self.capture = head_layer;
+        if let Some(s) = &mut self.session {
+            s.set_attention_capture(head_layer);
+        }
         true
     }
 
     fn take_attention(&mut self) -> Option<crate::model::PassAttention> {
-        self.gpt.take_attention()
+        self.session.as_mut()?.take_attention()
     }
 
     fn wide_passes_are_cheap(&self) -> bool {
