@@ -11,9 +11,9 @@ use std::process::Command;
 use candle_core::Device;
 use common::{f32s, fixture, max_abs_diff, reference, u32s};
 use zipar_studio::decode::{Flow, GenerateParams, Mode, Sampling, generate};
+use zipar_studio::model::Condition;
 use zipar_studio::model::registry::{self, Conditioning};
 use zipar_studio::model::t5::TextEncoder;
-use zipar_studio::model::Condition;
 
 const FIXTURE: &str = "tiny_t2i_text";
 

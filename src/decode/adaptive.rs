@@ -13,42 +13,7 @@
 //! with, i.e. the lag the row proceeds with.
 
 use super::sampling::{Sampler, argmax};
-use super::schedule::Cell;
-
-/// What an input's logits are for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Sample this cell; the token is final.
-    Next(Cell),
-    /// Sample a first draft for row r's first cell.
-    Draft(usize),
-    /// Re-predict row r's first cell to verify its draft.
-    Verify(usize),
-    /// Sample row r's second cell behind its unverified draft (kept only if it is accepted).
-    Speculative(usize),
-    /// Logits unused (a KV correction).
-    Discard,
-}
-
-/// Where an input's token comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Token {
-    /// A generated cell.
-    Cell(Cell),
-    /// Row r's current draft of its first cell.
-    Draft(usize),
-}
-
-/// One input of an adaptive pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AFeed {
-    /// Token fed.
-    pub token: Token,
-    /// Position in the image region.
-    pub pos: usize,
-    /// What its logits are for.
-    pub role: Role,
-}
+use super::schedule::{Cell, Feed, Layout, Role, Source, pos_of};
 
 /// The engine's result for one input.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,13 +150,15 @@ impl AdaptivePlanner {
 
     /// Inputs of the next pass after the prefill (which the engine runs first and reports
     /// through [`AdaptivePlanner::apply_prefill`]); `None` when the grid is complete.
-    pub fn next_pass(&self) -> Option<Vec<AFeed>> {
+    pub fn next_pass(&self) -> Option<Vec<Feed>> {
         if self.is_done() {
             return None;
         }
         let w = self.w;
         let mut feeds = Vec::new();
-        let slot_last = |r: usize| r * w + w - 1;
+        // Positions of the raster layout, the only one the adaptive window supports.
+        let pos = |c: Cell| pos_of(Layout::Raster, w, c);
+        let slot_last = |r: usize| pos(Cell::new(r, w - 1));
         // A completed row overwrites the auxiliary K/V at its last slot. If the row below is
         // still verifying its draft, these logits are its verification with full context.
         if let Some(r) = self.correction {
@@ -199,8 +166,8 @@ impl AdaptivePlanner {
                 Some(RowState::Verifying { .. }) => Role::Verify(r + 1),
                 _ => Role::Discard,
             };
-            feeds.push(AFeed {
-                token: Token::Cell(Cell::new(r, w - 1)),
+            feeds.push(Feed {
+                source: Source::Cell(Cell::new(r, w - 1)),
                 pos: slot_last(r),
                 role,
             });
@@ -212,33 +179,33 @@ impl AdaptivePlanner {
                     let n = self.n[r];
                     let (token, pos) = if n == 0 {
                         // Row 0 starts from the prefill; row 1 from the real end of row 0.
-                        (Token::Cell(Cell::new(r - 1, w - 1)), slot_last(r - 1))
+                        (Source::Cell(Cell::new(r - 1, w - 1)), slot_last(r - 1))
                     } else {
-                        (Token::Cell(Cell::new(r, n - 1)), r * w + n - 1)
+                        (Source::Cell(Cell::new(r, n - 1)), pos(Cell::new(r, n - 1)))
                     };
-                    feeds.push(AFeed {
-                        token,
+                    feeds.push(Feed {
+                        source: token,
                         pos,
                         role: Role::Next(Cell::new(r, n)),
                     });
                 }
-                RowState::Drafting { aux } => feeds.push(AFeed {
-                    token: Token::Cell(*aux),
+                RowState::Drafting { aux } => feeds.push(Feed {
+                    source: Source::Cell(*aux),
                     pos: slot_last(r - 1),
                     role: Role::Draft(r),
                 }),
                 RowState::Verifying { aux, .. } => {
                     if self.correction != Some(r - 1) {
-                        feeds.push(AFeed {
-                            token: Token::Cell(*aux),
+                        feeds.push(Feed {
+                            source: Source::Cell(*aux),
                             pos: slot_last(r - 1),
                             role: Role::Verify(r),
                         });
                     }
                     if w > 1 {
-                        feeds.push(AFeed {
-                            token: Token::Draft(r),
-                            pos: r * w,
+                        feeds.push(Feed {
+                            source: Source::Draft(r),
+                            pos: pos(Cell::new(r, 0)),
                             role: Role::Speculative(r),
                         });
                     }
@@ -267,7 +234,7 @@ impl AdaptivePlanner {
     /// Returns the cells that received their final token in this pass.
     pub fn apply(
         &mut self,
-        feeds: &[AFeed],
+        feeds: &[Feed],
         outcomes: Vec<Outcome>,
         mut verify_fn: impl FnMut(u32, &[f32], &[f32]) -> Verdict,
     ) -> Vec<(Cell, u32, f32)> {

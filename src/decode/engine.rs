@@ -6,11 +6,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::adaptive::{self, AdaptivePlanner, Outcome, Role, Token};
+use super::adaptive::{self, Outcome};
+use super::plan::{AdaptivePlan, FixedPlan, Plan};
 use super::sampling::{Sampler, Sampling, SamplingError, cfg_combine, distribution, validate_cfg};
-use super::schedule::{
-    Cell, Layout, Mode, Pass, Schedule, ScheduleError, Source, windows_from_passes,
-};
+use super::schedule::{Cell, Feed, Layout, Mode, Pass, Role, Schedule, ScheduleError, Source};
 use super::trace::DecodeTrace;
 use crate::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions, TokenAttention};
 
@@ -146,10 +145,13 @@ pub fn generate(
                 .into(),
         ));
     }
+    let schedule = schedule_for(model, params.mode, params.window)?;
     if params.mode == Mode::Adaptive && h >= 2 && params.window < w {
-        return generate_adaptive(model, cond, params, sink);
+        let mut plan = AdaptivePlan::new(h, w, params.window, schedule.num_passes());
+        return generate_planned(model, cond, params, &mut plan, sink);
     }
-    generate_fixed(model, cond, params, sink)
+    // (An adaptive run whose window covers the row is fixed ZipAR at that window.)
+    generate_planned(model, cond, params, &mut FixedPlan::new(schedule), sink)
 }
 
 /// Row `i` of a pass's logits, CFG-combined when `cfg` holds a scale.
@@ -228,76 +230,41 @@ pub(super) fn check_rows(logits: &PassLogits, want: usize) -> Result<(), EngineE
     Ok(())
 }
 
-/// The adaptive window: drafts verified by rejection sampling (see `adaptive.rs`).
-fn generate_adaptive(
+/// Drives a [`Plan`] to a full grid: one model call per pass (the prefill first), each input's
+/// logits sampled, drafted or kept for verification as its role says, the outcomes handed
+/// back to the plan. Fixed schedules and the adaptive window run through here.
+fn generate_planned(
     model: &mut dyn ImageArModel,
     cond: &Condition,
     params: &GenerateParams,
+    plan: &mut dyn Plan,
     sink: &mut dyn FnMut(&PassReport) -> Flow,
 ) -> Result<DecodeTrace, EngineError> {
     let (h, w) = model.grid();
-    // The fixed schedule for s_min checks the window and gives the expected pass count.
-    let mut total = Schedule::zipar(h, w, model.layout(), params.window)?.num_passes();
     let RunSetup {
         mut trace,
         cfg,
         opts,
         mut sampler,
-    } = setup(params, h, w, params.window)?;
+    } = setup(params, h, w, plan.window())?;
     let greedy = params.sampling == Sampling::Greedy;
-    let mut planner = AdaptivePlanner::new(h, w, params.window);
+    let mut total = plan.expected_passes();
     let started = Instant::now();
-    let mut index = 0;
-    let t0 = Instant::now();
-    let logits = model.prefill(cond, opts)?;
-    check_rows(&logits, 1)?;
-    let first = sampler.sample(&combine(&logits, 0, cfg));
-    planner.apply_prefill(first.token);
     // Attention capture: each token gets the attention of the query that drew it (for a row's
-    // first token, the draft's query, or the verification whose residual replaced it).
-    let mut capture = AdaptiveAttention::new(h, w);
-    let attention = match model.take_attention() {
-        Some(a) => {
-            let t = TokenAttention::of_input(&a, a.slots.len() - 1, 0);
-            capture.record(Cell::new(0, 0), &t);
-            vec![t]
-        }
-        None => Vec::new(),
-    };
-    let report = PassReport {
-        index: 0,
-        total,
-        produced: vec![(Cell::new(0, 0), first.token, first.prob)],
-        inputs: 1,
-        fates: Vec::new(),
-        attention,
-        elapsed: t0.elapsed(),
-    };
-    finish_pass(&mut trace, sink, report, planner.is_done())?;
-    while let Some(feeds) = planner.next_pass() {
-        index += 1;
+    // first token under the adaptive window, the draft's query, or the verification whose
+    // residual replaced it).
+    let mut capture = PlanAttention::new(h, w);
+    let mut index = 0;
+    while let Some(feeds) = plan.next_feeds() {
         total = total.max(index + 1);
         let t0 = Instant::now();
-        let mut inputs = Vec::with_capacity(feeds.len());
-        for f in &feeds {
-            let token = match f.token {
-                Token::Cell(c) => planner.token(c),
-                Token::Draft(r) => planner.draft(r),
-            }
-            .ok_or_else(|| anyhow::anyhow!("adaptive plan feeds a token that does not exist"))?;
-            inputs.push(ModelInput {
-                token,
-                pos: f.pos,
-                wants_logits: f.role != Role::Discard,
-            });
-        }
-        let logits = model.step(&inputs)?;
-        let wanted = feeds.iter().filter(|f| f.role != Role::Discard).count();
+        let logits = run_feeds(model, cond, opts, &feeds, |source| plan.token_of(source))?;
+        let wanted = feeds.iter().filter(|f| f.role.wants_logits()).count();
         check_rows(&logits, wanted)?;
         let mut row = 0;
         let mut outcomes = Vec::with_capacity(feeds.len());
         for f in &feeds {
-            if f.role == Role::Discard {
+            if !f.role.wants_logits() {
                 outcomes.push(Outcome::None);
                 continue;
             }
@@ -326,16 +293,22 @@ fn generate_adaptive(
             });
         }
         let pass_attention = model.take_attention();
-        let rejected_before: Vec<u32> = (0..h).map(|r| planner.rejections_of[r * w]).collect();
+        let first_cells = |plan: &dyn Plan| -> Vec<u32> {
+            plan.rejections()
+                .map_or_else(|| vec![0; h], |r| (0..h).map(|i| r[i * w]).collect())
+        };
+        let rejected_before = first_cells(plan);
         let mut verifier = sampler.clone();
-        let produced = planner.apply(&feeds, outcomes, |x, p, q| {
+        let produced = plan.record(&feeds, outcomes, &mut |x, p, q| {
             adaptive::verify(&mut verifier, greedy, x, p, q)
         });
         sampler = verifier;
         let attention = match pass_attention {
             Some(a) => {
-                let rejected: Vec<bool> = (0..h)
-                    .map(|r| planner.rejections_of[r * w] > rejected_before[r])
+                let rejected: Vec<bool> = first_cells(plan)
+                    .iter()
+                    .zip(&rejected_before)
+                    .map(|(now, before)| now > before)
                     .collect();
                 capture.pass(&a, index, &feeds, &produced, &rejected)
             }
@@ -350,22 +323,26 @@ fn generate_adaptive(
             attention,
             elapsed: t0.elapsed(),
         };
-        finish_pass(&mut trace, sink, report, planner.is_done())?;
+        finish_pass(&mut trace, sink, report, plan.is_complete())?;
+        index += 1;
     }
     trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    trace.window_of = planner.window_of.clone();
-    trace.rejections_of = planner.rejections_of.clone();
+    plan.finish(&mut trace);
     if let Some((all, cond_len)) = capture.finish() {
         trace.retained_mass_of = crate::locality::retained_in_run(&all, cond_len, &trace.pass_of);
+        if params.mode == Mode::Ntp {
+            trace.needed_window_of = crate::locality::needed_windows(&all, cond_len, w);
+        }
     }
     Ok(trace)
 }
 
-/// Which captured query each token of an adaptive run came from. A row's first token is the
-/// draft that was accepted (drawn by a `Draft` input, or by the `Verify` input whose residual
+/// Which captured query each token came from: for a `Next` input, its own query (the
+/// prefill's last condition slot for cell (0, 0)). Under the adaptive window a row's first
+/// token is the draft that was accepted (drawn by a `Draft` input, or by the `Verify` input whose residual
 /// replaced a rejected draft), or the residual drawn once the row above was complete (that
 /// `Verify` input); its second token is the `Speculative` input's; the others are `Next`.
-struct AdaptiveAttention {
+struct PlanAttention {
     w: usize,
     cells: Vec<Option<TokenAttention>>,
     cond_len: Option<usize>,
@@ -374,7 +351,7 @@ struct AdaptiveAttention {
     spec: Vec<Option<TokenAttention>>,
 }
 
-impl AdaptiveAttention {
+impl PlanAttention {
     fn new(h: usize, w: usize) -> Self {
         Self {
             w,
@@ -399,14 +376,20 @@ impl AdaptiveAttention {
         &mut self,
         a: &crate::model::PassAttention,
         index: usize,
-        feeds: &[adaptive::AFeed],
+        feeds: &[Feed],
         produced: &[(Cell, u32, f32)],
         rejected: &[bool],
     ) -> Vec<TokenAttention> {
         let mut next = Vec::new();
         let mut verify: Vec<Option<TokenAttention>> = vec![None; self.draft.len()];
         for (i, f) in feeds.iter().enumerate() {
-            let t = || TokenAttention::of_input(a, i, index);
+            // The prefill's inputs are the condition's slots; its last one predicts.
+            let row = if f.source == Source::Condition {
+                a.slots.len() - 1
+            } else {
+                i
+            };
+            let t = || TokenAttention::of_input(a, row, index);
             match f.role {
                 Role::Next(c) => next.push((c, t())),
                 Role::Draft(r) => self.draft[r] = Some(t()),
@@ -458,104 +441,41 @@ pub(crate) fn run_pass(
     pass: &Pass,
     token_of: impl Fn(Cell) -> Option<u32>,
 ) -> anyhow::Result<PassLogits> {
-    if pass.feeds.first().map(|f| f.source) == Some(Source::Condition) {
+    run_feeds(model, cond, opts, &pass.feeds, |source| match source {
+        Source::Cell(c) => token_of(c),
+        _ => None,
+    })
+}
+
+/// Runs one pass over `feeds`: the prefill when they feed the condition, else a step feeding
+/// each input's token (`token_of`) or the layout's separator at its slot.
+fn run_feeds(
+    model: &mut dyn ImageArModel,
+    cond: &Condition,
+    opts: RunOptions,
+    feeds: &[Feed],
+    token_of: impl Fn(Source) -> Option<u32>,
+) -> anyhow::Result<PassLogits> {
+    if feeds.first().map(|f| f.source) == Some(Source::Condition) {
         return model.prefill(cond, opts);
     }
-    let inputs = pass
-        .feeds
+    let inputs = feeds
         .iter()
         .map(|f| {
             let token = match f.source {
-                Source::Cell(c) => token_of(c)
-                    .ok_or_else(|| anyhow::anyhow!("schedule feeds cell {c:?} before it exists"))?,
                 Source::Separator(_) => model
                     .separator_token()
                     .ok_or_else(|| anyhow::anyhow!("the schedule needs an end-of-row token"))?,
                 Source::Condition => anyhow::bail!("condition fed after the prefill"),
+                source => token_of(source)
+                    .ok_or_else(|| anyhow::anyhow!("the plan feeds {source:?} before it exists"))?,
             };
             Ok(ModelInput {
                 token,
                 pos: f.pos,
-                wants_logits: f.predicts.is_some(),
+                wants_logits: f.role.wants_logits(),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     model.step(&inputs)
-}
-
-/// Generates one image along a precomputed schedule (NTP or fixed-window ZipAR).
-fn generate_fixed(
-    model: &mut dyn ImageArModel,
-    cond: &Condition,
-    params: &GenerateParams,
-    sink: &mut dyn FnMut(&PassReport) -> Flow,
-) -> Result<DecodeTrace, EngineError> {
-    let schedule = schedule_for(model, params.mode, params.window)?;
-    let (h, w) = (schedule.h, schedule.w);
-    let RunSetup {
-        mut trace,
-        cfg,
-        opts,
-        mut sampler,
-    } = setup(params, h, w, schedule.window)?;
-    let mut grid: Vec<Option<u32>> = vec![None; h * w];
-    let total = schedule.num_passes();
-    let started = Instant::now();
-    let mut attention_of: Vec<TokenAttention> = Vec::new();
-    let mut cond_len = 0;
-    for (index, pass) in schedule.passes.iter().enumerate() {
-        let t0 = Instant::now();
-        let logits = run_pass(model, cond, opts, pass, |c| grid[c.row * w + c.col])?;
-        let cells: Vec<Cell> = pass.predicted().collect();
-        check_rows(&logits, cells.len())?;
-        // Capture on: each predicting input's attention (the prefill's last slot predicts).
-        let attention: Vec<TokenAttention> = match model.take_attention() {
-            Some(a) => {
-                cond_len = a.cond_len;
-                let rows: Vec<usize> = if index == 0 {
-                    vec![a.slots.len() - 1]
-                } else {
-                    (0..pass.feeds.len())
-                        .filter(|&i| pass.feeds[i].predicts.is_some())
-                        .collect()
-                };
-                rows.iter()
-                    .map(|&i| TokenAttention::of_input(&a, i, index))
-                    .collect()
-            }
-            None => Vec::new(),
-        };
-        let mut produced = Vec::with_capacity(cells.len());
-        for (i, cell) in cells.iter().enumerate() {
-            let s = sampler.sample(&combine(&logits, i, cfg));
-            grid[cell.row * w + cell.col] = Some(s.token);
-            produced.push((*cell, s.token, s.prob));
-        }
-        if !attention.is_empty() {
-            attention_of.resize(h * w, TokenAttention::default());
-            for (c, a) in cells.iter().zip(&attention) {
-                attention_of[c.row * w + c.col] = a.clone();
-            }
-        }
-        let report = PassReport {
-            index,
-            total,
-            produced,
-            inputs: pass.feeds.len(),
-            fates: Vec::new(),
-            attention,
-            elapsed: t0.elapsed(),
-        };
-        finish_pass(&mut trace, sink, report, index + 1 == total)?;
-    }
-    trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    trace.window_of = windows_from_passes(h, w, &trace.pass_of);
-    if attention_of.len() == h * w {
-        trace.retained_mass_of =
-            crate::locality::retained_in_run(&attention_of, cond_len, &trace.pass_of);
-        if params.mode == Mode::Ntp {
-            trace.needed_window_of = crate::locality::needed_windows(&attention_of, cond_len, w);
-        }
-    }
-    Ok(trace)
 }

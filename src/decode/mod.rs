@@ -4,6 +4,7 @@
 pub mod adaptive;
 pub mod engine;
 pub mod exact;
+pub mod plan;
 pub mod sampling;
 pub mod schedule;
 pub mod trace;

@@ -37,17 +37,42 @@ pub enum Source {
     Cell(Cell),
     /// The known separator token that opens this row (end-of-row layout only).
     Separator(usize),
+    /// Row r's pending draft of its first cell (the adaptive window).
+    Draft(usize),
 }
 
-/// One input of a forward pass.
+/// What an input's logits are for. Fixed schedules use `Next` and `Discard` only; the
+/// adaptive window's drafts use the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sample this cell; the token is final.
+    Next(Cell),
+    /// Sample a first draft for row r's first cell.
+    Draft(usize),
+    /// Re-predict row r's first cell to verify its draft.
+    Verify(usize),
+    /// Sample row r's second cell behind its unverified draft (kept only if it is accepted).
+    Speculative(usize),
+    /// Logits unused (a KV correction).
+    Discard,
+}
+
+impl Role {
+    /// Whether the input's logits are needed.
+    pub fn wants_logits(self) -> bool {
+        self != Role::Discard
+    }
+}
+
+/// One input of a forward pass, for every planner (fixed schedules and the adaptive window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Feed {
     /// Which token is fed.
     pub source: Source,
     /// Position in the image region where its K/V are written (ignored for the condition).
     pub pos: usize,
-    /// The cell its logits predict, or `None` when they are discarded (a KV correction).
-    pub predicts: Option<Cell>,
+    /// What its logits are for.
+    pub role: Role,
 }
 
 /// One forward call.
@@ -60,7 +85,10 @@ pub struct Pass {
 impl Pass {
     /// The cells this pass produces, in sampling order.
     pub fn predicted(&self) -> impl Iterator<Item = Cell> + '_ {
-        self.feeds.iter().filter_map(|f| f.predicts)
+        self.feeds.iter().filter_map(|f| match f.role {
+            Role::Next(c) => Some(c),
+            _ => None,
+        })
     }
 }
 
@@ -161,6 +189,11 @@ pub fn pos_of(layout: Layout, w: usize, cell: Cell) -> usize {
     }
 }
 
+/// Position of the separator that opens row `r >= 1` in the end-of-row layout.
+pub fn separator_pos(w: usize, r: usize) -> usize {
+    r * (w + 1) - 1
+}
+
 impl Schedule {
     /// Plain next-token prediction: one token per pass, `h * w` passes.
     pub fn ntp(h: usize, w: usize, layout: Layout) -> Result<Self, ScheduleError> {
@@ -179,13 +212,13 @@ impl Schedule {
                     // The separator is known: fed in place of the row's last token.
                     let sep = Feed {
                         source: Source::Separator(r),
-                        pos: r * (w + 1) - 1,
-                        predicts: Some(cell),
+                        pos: separator_pos(w, r),
+                        role: Role::Next(cell),
                     };
                     let last = Feed {
                         source: Source::Cell(prev),
                         pos: pos_of(layout, w, prev),
-                        predicts: None,
+                        role: Role::Discard,
                     };
                     feeds.push(last);
                     feeds.push(sep);
@@ -193,7 +226,7 @@ impl Schedule {
                     feeds.push(Feed {
                         source: Source::Cell(prev),
                         pos: pos_of(layout, w, prev),
-                        predicts: Some(cell),
+                        role: Role::Next(cell),
                     });
                 }
                 passes.push(Pass { feeds });
@@ -301,7 +334,7 @@ fn prefill() -> Pass {
         feeds: vec![Feed {
             source: Source::Condition,
             pos: 0,
-            predicts: Some(Cell::new(0, 0)),
+            role: Role::Next(Cell::new(0, 0)),
         }],
     }
 }
@@ -317,7 +350,7 @@ fn zipar_raster(h: usize, w: usize, s: usize) -> Vec<Pass> {
             feeds: vec![Feed {
                 source: Source::Cell(Cell::new(0, c - 1)),
                 pos: c - 1,
-                predicts: Some(Cell::new(0, c)),
+                role: Role::Next(Cell::new(0, c)),
             }],
         });
     }
@@ -332,20 +365,22 @@ fn zipar_raster(h: usize, w: usize, s: usize) -> Vec<Pass> {
         if let Some(r) = correction.take() {
             feeds.push(Feed {
                 source: Source::Cell(Cell::new(r, w - 1)),
-                pos: r * w + w - 1,
-                predicts: None,
+                pos: pos_of(Layout::Raster, w, Cell::new(r, w - 1)),
+                role: Role::Discard,
             });
         }
         for &r in &active {
-            let (source, pos) = if n[r] == 0 {
-                (Source::Cell(aux[r]), (r - 1) * w + w - 1)
+            let fed = if n[r] == 0 {
+                // The auxiliary token, at the slot of the row's missing predecessor.
+                (Source::Cell(aux[r]), Cell::new(r - 1, w - 1))
             } else {
-                (Source::Cell(Cell::new(r, n[r] - 1)), r * w + n[r] - 1)
+                (Source::Cell(Cell::new(r, n[r] - 1)), Cell::new(r, n[r] - 1))
             };
+            let (source, pos) = (fed.0, pos_of(Layout::Raster, w, fed.1));
             feeds.push(Feed {
                 source,
                 pos,
-                predicts: Some(Cell::new(r, n[r])),
+                role: Role::Next(Cell::new(r, n[r])),
             });
         }
         let rows = active.clone();
@@ -384,14 +419,14 @@ fn zipar_end_of_row(h: usize, w: usize, s: usize) -> Vec<Pass> {
                 let feed = if n[r] == 0 {
                     Feed {
                         source: Source::Separator(r),
-                        pos: r * (w + 1) - 1,
-                        predicts: Some(Cell::new(r, 0)),
+                        pos: separator_pos(w, r),
+                        role: Role::Next(Cell::new(r, 0)),
                     }
                 } else {
                     Feed {
                         source: Source::Cell(Cell::new(r, n[r] - 1)),
-                        pos: r * (w + 1) + n[r] - 1,
-                        predicts: Some(Cell::new(r, n[r])),
+                        pos: pos_of(Layout::EndOfRow, w, Cell::new(r, n[r] - 1)),
+                        role: Role::Next(Cell::new(r, n[r])),
                     }
                 };
                 feeds.push(feed);
@@ -491,7 +526,7 @@ mod tests {
             .passes
             .iter()
             .flat_map(|p| p.feeds.iter())
-            .find(|f| f.predicts == Some(Cell::new(2, 0)))
+            .find(|f| f.role == Role::Next(Cell::new(2, 0)))
             .copied()
             .unwrap();
         assert_eq!(first_of_row2.pos, w + w - 1);
@@ -502,13 +537,13 @@ mod tests {
         let corr = sch.passes[done + 1].feeds[0];
         assert_eq!(corr.source, Source::Cell(Cell::new(1, w - 1)));
         assert_eq!(corr.pos, w + w - 1);
-        assert_eq!(corr.predicts, None);
+        assert_eq!(corr.role, Role::Discard);
         // Row 3's auxiliary token is the latest token of row 1 when row 3 was activated.
         let first_of_row3 = sch
             .passes
             .iter()
             .flat_map(|p| p.feeds.iter())
-            .find(|f| f.predicts == Some(Cell::new(3, 0)))
+            .find(|f| f.role == Role::Next(Cell::new(3, 0)))
             .copied()
             .unwrap();
         assert_eq!(first_of_row3.pos, 2 * w + w - 1);
@@ -585,7 +620,7 @@ mod tests {
             .passes
             .iter()
             .flat_map(|p| p.feeds.iter())
-            .find(|f| f.predicts == Some(Cell::new(2, 0)))
+            .find(|f| f.role == Role::Next(Cell::new(2, 0)))
             .copied()
             .unwrap();
         assert_eq!(f.source, Source::Separator(2));
