@@ -10,6 +10,9 @@ use super::adaptive::{AdaptivePlanner, Outcome, Verdict};
 use super::schedule::{self, Cell, Feed, Role, Schedule, Source};
 use super::trace::DecodeTrace;
 
+/// Decides a draft `x` drawn from `q` against the full-context `p`.
+pub type Verify<'a> = &'a mut dyn FnMut(u32, &[f32], &[f32]) -> Verdict;
+
 /// A decoding plan the engine drives pass by pass.
 pub trait Plan {
     /// The inputs of the next pass, `None` when the grid is complete. The first pass is the
@@ -23,7 +26,7 @@ pub trait Plan {
         &mut self,
         feeds: &[Feed],
         outcomes: Vec<Outcome>,
-        verify: &mut dyn FnMut(u32, &[f32], &[f32]) -> Verdict,
+        verify: Verify,
     ) -> Vec<(Cell, u32, f32)>;
     /// Passes in all; a lower bound when the count depends on the data.
     fn expected_passes(&self) -> usize;
@@ -77,7 +80,7 @@ impl Plan for FixedPlan {
         &mut self,
         feeds: &[Feed],
         outcomes: Vec<Outcome>,
-        _verify: &mut dyn FnMut(u32, &[f32], &[f32]) -> Verdict,
+        _verify: Verify,
     ) -> Vec<(Cell, u32, f32)> {
         let mut produced = Vec::new();
         for (f, o) in feeds.iter().zip(outcomes) {
@@ -154,7 +157,7 @@ impl Plan for AdaptivePlan {
         &mut self,
         feeds: &[Feed],
         outcomes: Vec<Outcome>,
-        verify: &mut dyn FnMut(u32, &[f32], &[f32]) -> Verdict,
+        verify: Verify,
     ) -> Vec<(Cell, u32, f32)> {
         if !self.prefilled {
             self.prefilled = true;
