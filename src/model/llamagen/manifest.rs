@@ -96,8 +96,10 @@ impl Manifest {
         );
         if !windows.contains(&d.window) {
             return Err(bad(format!(
-                "defaults: window {} is out of range: it must be between 2 and {}",
-                d.window, m.grid_w
+                "defaults: window {} is out of range: it must be between {} and {}",
+                d.window,
+                windows.start(),
+                windows.end()
             )));
         }
         match (m.kind, m.gpt.caption_dim) {
