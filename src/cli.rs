@@ -424,6 +424,50 @@ fn base_params(
     Ok(base)
 }
 
+/// Captions the headless commands use on a text-to-image model when none is given.
+const DEFAULT_CAPTIONS: [&str; 8] = [
+    "a red apple on a wooden table",
+    "a cat sleeping on a sofa",
+    "a lighthouse on a cliff at sunset",
+    "a bowl of ramen with an egg",
+    "an astronaut riding a horse",
+    "a snowy mountain under a blue sky",
+    "a vintage car parked on a street",
+    "a sunflower field in summer",
+];
+
+/// The conditions of a headless command: the classes given (class-conditional models only)
+/// and the prompts given (matched to classes, or captions as typed), else `k` defaults:
+/// classes spread over the model's range, or default captions.
+fn conditions(
+    model: &LoadedModel,
+    classes: &[u32],
+    prompts: &[String],
+    k: u32,
+) -> anyhow::Result<Vec<Condition>> {
+    let mut conds = Vec::new();
+    for &c in classes {
+        conds.push(condition_for(model, Some(c), None)?);
+    }
+    for p in prompts {
+        conds.push(condition_for(model, None, Some(p))?);
+    }
+    if conds.is_empty() {
+        conds = match model.card.conditioning {
+            Conditioning::Class => spread_classes(model.card.num_classes.max(1) as u32, k)
+                .into_iter()
+                .map(Condition::Class)
+                .collect(),
+            Conditioning::Caption => DEFAULT_CAPTIONS
+                .iter()
+                .take(k.max(1) as usize)
+                .map(|c| Condition::Text(c.to_string()))
+                .collect(),
+        };
+    }
+    Ok(conds)
+}
+
 /// Up to `k` class ids spread evenly over `0..n`.
 fn spread_classes(n: u32, k: u32) -> Vec<u32> {
     let k = k.min(n).max(1);
@@ -450,12 +494,13 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         None => None,
     };
     let n = model.card.num_classes.max(1) as u32;
-    let classes: Vec<u32> = match (&classifier, args.class.is_empty()) {
-        (_, false) => args.class.clone(),
-        (Some(c), true) => (0..n).step_by(c.class_stride.max(1) as usize).collect(),
-        (None, true) => spread_classes(n, 8),
+    let conds = match (&classifier, args.class.is_empty()) {
+        (Some(c), true) => (0..n)
+            .step_by(c.class_stride.max(1) as usize)
+            .map(Condition::Class)
+            .collect(),
+        _ => conditions(&model, &args.class, &[], 8)?,
     };
-    let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
     let settings = settings_list(&model, &args.windows, &args.adaptive, &args.exact)?;
     let samples = args
         .samples
@@ -522,17 +567,7 @@ pub fn run_locality(args: &LocalityArgs) -> anyhow::Result<()> {
         export::check_writable(&dir.join("summary.json"))?;
     }
     let (mut model, _) = args.source.load()?;
-    let n = model.card.num_classes.max(1) as u32;
-    let mut conds: Vec<Condition> = args.class.iter().map(|&c| Condition::Class(c)).collect();
-    for p in &args.prompt {
-        conds.push(condition_for(&model, None, Some(p))?);
-    }
-    if conds.is_empty() {
-        conds = spread_classes(n, 16)
-            .into_iter()
-            .map(Condition::Class)
-            .collect();
-    }
+    let conds = conditions(&model, &args.class, &args.prompt, 16)?;
     let base = base_params(&model, args.cfg, false)?;
     let bar = indicatif::ProgressBar::new(conds.len() as u64 * args.samples.max(1));
     bar.set_style(
@@ -586,13 +621,7 @@ pub fn run_acceptance(args: &AcceptanceArgs) -> anyhow::Result<()> {
     }
     // An out-of-range window is refused by the schedule before any sample is drawn.
     let (mut model, _) = args.source.load()?;
-    let n = model.card.num_classes.max(1) as u32;
-    let classes: Vec<u32> = if args.class.is_empty() {
-        spread_classes(n, 32)
-    } else {
-        args.class.clone()
-    };
-    let conds: Vec<Condition> = classes.iter().map(|&c| Condition::Class(c)).collect();
+    let conds = conditions(&model, &args.class, &[], 32)?;
     let seeds: Vec<u64> = (0..args.samples.max(1)).collect();
     let base = base_params(&model, args.cfg, false)?;
     let bar = indicatif::ProgressBar::new((conds.len() * seeds.len()) as u64);
@@ -632,13 +661,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         export::check_writable(j)?;
     }
     let (mut model, _) = args.source.load()?;
-    let mut conds: Vec<Condition> = args.class.iter().map(|&c| Condition::Class(c)).collect();
-    for p in &args.prompt {
-        conds.push(condition_for(&model, None, Some(p))?);
-    }
-    if conds.is_empty() {
-        conds.push(Condition::Class(0));
-    }
+    let conds = conditions(&model, &args.class, &args.prompt, 1)?;
     let settings = settings_list(&model, &args.windows, &args.adaptive, &args.exact)?;
     let base = base_params(&model, args.cfg, args.greedy)?;
     let results = bench::run_bench(model.model.as_mut(), &conds, base, &settings, &args.seeds)?;

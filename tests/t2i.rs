@@ -233,3 +233,36 @@ fn the_encoder_is_read_alone_and_loading_reports_every_shard() {
     let total = reports[0].total;
     assert!(reports.iter().all(|p| p.total == total && p.done < total));
 }
+
+/// The headless commands run a text-to-image model on default captions (or `--prompt`), and
+/// refuse `--class` with a message.
+#[test]
+fn bench_and_eval_take_captions() {
+    let model = fixture(FIXTURE);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
+            .args(args)
+            .output()
+            .expect("binary runs")
+    };
+    let m = model.to_str().expect("utf8");
+    let bench = run(&["bench", "--model", m, "--windows", "3", "--seeds", "0"]);
+    let out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    assert!(out.contains("zipar") && out.contains("24.0"), "{out}");
+    let eval = run(&["eval", "--model", m, "--windows", "3", "--samples", "1"]);
+    let out = String::from_utf8_lossy(&eval.stdout);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    assert!(out.lines().any(|l| l.starts_with("ntp")), "{out}");
+    let bad = run(&["bench", "--model", m, "--class", "1"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("give a caption"));
+}
