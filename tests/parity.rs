@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Device;
-use common::{f32s, fixture, max_abs_diff, reference, u32s};
+use common::{assert_logits_match, f32s, fixture, flat, max_abs_diff, reference, u32s};
 use zipar_studio::decode::{Flow, GenerateParams, Mode, Sampling, generate};
 use zipar_studio::model::llamagen::LlamaGen;
 use zipar_studio::model::{Condition, ImageArModel, ModelInput, PassLogits, RunOptions};
@@ -18,10 +18,6 @@ fn teacher_forced(model: &mut dyn ImageArModel, cond: &Condition, tokens: &[u32]
     zipar_studio::eval::teacher_forced(model, cond, tokens, true).expect("teacher forcing")
 }
 
-fn flat(rows: &[Vec<f32>]) -> Vec<f32> {
-    rows.iter().flatten().copied().collect()
-}
-
 #[test]
 fn teacher_forced_logits_match_reference() {
     let r = reference("tiny");
@@ -29,13 +25,7 @@ fn teacher_forced_logits_match_reference() {
     let mut model = load("tiny");
     let class = tf["class"].as_u64().expect("class") as u32;
     let got = teacher_forced(&mut model, &Condition::Class(class), &u32s(&tf["tokens"]));
-    let d_cond = max_abs_diff(&flat(&got.cond), &f32s(&tf["cond_logits"]));
-    let d_uncond = max_abs_diff(
-        &flat(got.uncond.as_deref().expect("uncond")),
-        &f32s(&tf["uncond_logits"]),
-    );
-    assert!(d_cond < 1e-4, "cond logits differ by {d_cond}");
-    assert!(d_uncond < 1e-4, "uncond logits differ by {d_uncond}");
+    assert_logits_match(&got, tf);
 }
 
 #[test]
@@ -171,13 +161,7 @@ fn caption_conditioned_logits_match_reference() {
         values: values.clone(),
     };
     let got = teacher_forced(&mut model, &cond, &u32s(&r["tokens"]));
-    let d_cond = max_abs_diff(&flat(&got.cond), &f32s(&r["cond_logits"]));
-    let d_uncond = max_abs_diff(
-        &flat(got.uncond.as_deref().expect("uncond")),
-        &f32s(&r["uncond_logits"]),
-    );
-    assert!(d_cond < 1e-4, "cond logits differ by {d_cond}");
-    assert!(d_uncond < 1e-4, "uncond logits differ by {d_uncond}");
+    assert_logits_match(&got, &r);
     // A class is refused by a text-conditional model, and vice versa.
     assert!(
         model

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use candle_core::Device;
-use common::{f32s, fixture, max_abs_diff, reference, u32s};
+use common::{assert_logits_match, f32s, fixture, max_abs_diff, reference, u32s};
 use zipar_studio::decode::{Flow, GenerateParams, Mode, Sampling, generate};
 use zipar_studio::model::Condition;
 use zipar_studio::model::registry::{self, Conditioning};
@@ -70,14 +70,7 @@ fn caption_conditioned_logits_match_the_reference_with_padding_masked() {
         true,
     )
     .expect("teacher forcing");
-    let flat = |rows: &[Vec<f32>]| rows.iter().flatten().copied().collect::<Vec<f32>>();
-    let d_cond = max_abs_diff(&flat(&got.cond), &f32s(&tf["cond_logits"]));
-    let d_uncond = max_abs_diff(
-        &flat(got.uncond.as_deref().expect("uncond")),
-        &f32s(&tf["uncond_logits"]),
-    );
-    assert!(d_cond < 1e-4, "cond logits differ by {d_cond}");
-    assert!(d_uncond < 1e-4, "uncond logits differ by {d_uncond}");
+    assert_logits_match(&got, tf);
 }
 
 #[test]

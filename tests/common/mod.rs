@@ -45,3 +45,20 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Rows of logits, concatenated.
+pub fn flat(rows: &[Vec<f32>]) -> Vec<f32> {
+    rows.iter().flatten().copied().collect()
+}
+
+/// Conditional and unconditional logits within 1e-4 of a reference's `cond_logits` and
+/// `uncond_logits`.
+pub fn assert_logits_match(got: &zipar_studio::model::PassLogits, reference: &Value) {
+    let d_cond = max_abs_diff(&flat(&got.cond), &f32s(&reference["cond_logits"]));
+    let d_uncond = max_abs_diff(
+        &flat(got.uncond.as_deref().expect("uncond")),
+        &f32s(&reference["uncond_logits"]),
+    );
+    assert!(d_cond < 1e-4, "cond logits differ by {d_cond}");
+    assert!(d_uncond < 1e-4, "uncond logits differ by {d_uncond}");
+}
