@@ -38,17 +38,30 @@ def load_vq(run_dir: str):
         return {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata().get("step", 0))
 
 
+def export_classifier(ckpt: str, out: str):
+    from train_classifier import export_tensors
+
+    tensors, meta = export_tensors(ckpt)
+    save_file(tensors, os.path.join(out, "classifier.safetensors"), metadata=meta)
+    print("classifier:", meta)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpt", default=os.path.join(HERE, "runs", "gpt"))
     ap.add_argument("--vq", default=os.path.join(HERE, "runs", "vq"))
-    ap.add_argument("--classifier", default=os.path.join(HERE, "runs", "classifier", "last.pt"))
+    ap.add_argument("--classifier", default=os.path.join(HERE, "runs", "classifier2", "last.pt"))
+    ap.add_argument("--classifier-only", action="store_true",
+                    help="write classifier.safetensors only (the GPT and VQ stay as shipped)")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--defaults", default=json.dumps(DEFAULTS),
                     help="decoding settings the app starts from (config.json \"defaults\")")
     args = ap.parse_args()
     out = args.out
     os.makedirs(out, exist_ok=True)
+    if args.classifier_only:
+        export_classifier(args.classifier, out)
+        return
     classes = json.load(open(os.path.join(HERE, "data", "classes.json")))
     gpt = torch.load(os.path.join(args.gpt, "last.pt"), map_location="cpu")
     vq_state, vq_step = load_vq(args.vq)
@@ -91,11 +104,7 @@ def main():
         "defaults": json.loads(args.defaults),
         "training": {"gpt_steps": gpt["step"], "vq_steps": vq_step},
     }
-    from train_classifier import export_tensors
-
-    tensors, meta = export_tensors(args.classifier)
-    save_file(tensors, os.path.join(out, "classifier.safetensors"), metadata=meta)
-    print("classifier:", meta)
+    export_classifier(args.classifier, out)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     slim = [{k: c[k] for k in ("id", "name", "short_names", "keywords", "unified")} for c in classes]
