@@ -1,14 +1,14 @@
 """Trains the small emoji classifier that `zipar-studio eval` uses as an image-space metric
 (top-1 / top-5 against the conditioning class, and a Frechet distance on its features).
 
-    python training/train_classifier.py --minutes 15     # -> runs/classifier/last.pt
-    python training/export.py                           # ships it next to the model
+    python training/train_classifier.py --steps 12000    # -> runs/classifier2/last.pt
+    python training/export.py --classifier-only         # ships it next to the model
 
 Trained on the real images of every style with light augmentation; the held-out split of
 prepare_data.py is never trained on and measures the classifier's own accuracy (the metric only
 means something if that is high). BatchNorm is folded into the convolutions at export, so the
-Rust side runs four conv + ReLU layers, a global average pool (the feature vector) and a linear
-layer.
+Rust side runs conv + ReLU layers (their strides are in the file's header), a global average
+pool (the feature vector) and a linear layer.
 """
 
 import argparse
@@ -179,7 +179,8 @@ def export_tensors(ckpt_path: str) -> tuple[dict, dict]:
         "strides": ",".join(map(str, STRIDES)),
         "real_images": str(int(subset.sum())),
     }
-    return {k: v.contiguous() for k, v in out.items()}, meta
+    # Weights in f16 (half the file; the Rust side computes in f32), statistics in f32.
+    return {k: (v if k.startswith("real.") else v.half()).contiguous() for k, v in out.items()}, meta
 
 
 if __name__ == "__main__":
