@@ -280,7 +280,11 @@ fn an_adaptive_run_with_rejections_shows_its_actual_pass_count_everywhere() {
 #[test]
 fn the_prompt_has_the_keyboard_at_start_and_enter_generates_again_and_again() {
     let out = tempfile::tempdir().expect("tempdir");
-    let mut h = harness(settings(out.path()));
+    // The prompt the app starts with (the sample, or the last one) is selected: typing
+    // replaces it.
+    let mut s = settings(out.path());
+    s.prompt = "red apple".into();
+    let mut h = harness(s);
     step_until(&mut h, "the model", model_ready);
     // No click: keys go wherever the focus is, as for a newcomer typing straight away.
     h.event(egui::Event::Text("cat".into()));
@@ -289,7 +293,7 @@ fn the_prompt_has_the_keyboard_at_start_and_enter_generates_again_and_again() {
     assert_eq!(
         h.state().settings.prompt,
         "cat",
-        "the typed text reached the prompt"
+        "the typed text replaced the selected prompt"
     );
     h.key_press(egui::Key::Enter);
     step_until(&mut h, "the first run", finished);

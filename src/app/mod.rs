@@ -520,10 +520,19 @@ impl StudioApp {
                     "e.g. red apple"
                 })
                 .desired_width(280.0);
-            let resp = ui.add(edit).labelled_by(label.id);
-            // A newcomer types first: the prompt has the keyboard from the first frame.
+            let mut out = edit.show(ui);
+            let resp = out.response.response.clone().labelled_by(label.id);
+            // A newcomer types first: the prompt has the keyboard from the first frame, with
+            // the remembered (or sample) prompt selected, so that typing replaces it and Enter
+            // generates it.
             if !self.prompt_focused {
                 resp.request_focus();
+                out.state
+                    .cursor
+                    .set_char_range(Some(egui::text::CCursorRange::select_all_str(
+                        &self.settings.prompt,
+                    )));
+                out.state.store(ui.ctx(), resp.id);
                 self.prompt_focused = true;
             }
             if resp.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter)) {
