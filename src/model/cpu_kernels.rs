@@ -15,7 +15,7 @@
 //! are candle custom ops, so the model code stays candle tensors; on a GPU the ordinary
 //! candle ops run instead.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Output columns per panel of a packed weight.
 const PANEL: usize = 16;
@@ -100,6 +100,16 @@ pub fn matmul_packed(x: &[f32], panels: &[f32], m: usize, k: usize, n: usize) ->
         run_panels(x, panels, m, k, 0..count, &mut all);
         scatter_panels(&all, 0, count, m, n, &mut y);
     }
+    y
+}
+
+/// [`matmul_packed`] on the calling thread only (for callers that parallelise outside).
+fn matmul_packed_serial(x: &[f32], panels: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let count = n.div_ceil(PANEL);
+    let mut all = vec![0f32; m * count * PANEL];
+    run_panels(x, panels, m, k, 0..count, &mut all);
+    let mut y = vec![0f32; m * n];
+    scatter_panels(&all, 0, count, m, n, &mut y);
     y
 }
 
@@ -290,13 +300,20 @@ impl PackedConv {
 
     /// `x [B, cin, H, W]` -> `[B, cout, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
+        self.forward_nhwc(&nhwc)?.permute((0, 3, 1, 2))
+    }
+
+    /// Channels-last: `x [B, H, W, cin]` -> `[B, H, W, cout]`, no layout copies.
+    pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
         if c != self.cin {
             candle_core::bail!("conv expects {} channels, got {c}", self.cin);
         }
-        let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
-        let out = nhwc.apply_op2_no_bwd(&self.weight.panels, &ConvOp { conv: self, h, w })?;
-        out.reshape((b, h, w, self.cout))?.permute((0, 3, 1, 2))
+        let out = x
+            .contiguous()?
+            .apply_op2_no_bwd(&self.weight.panels, &ConvOp { conv: self, h, w })?;
+        out.reshape((b, h, w, self.cout))
     }
 }
 
@@ -328,51 +345,173 @@ impl CustomOp2 for ConvOp<'_> {
             ksize, cin, cout, ..
         } = *self.conv;
         let (h, w) = (self.h, self.w);
-        let pad = ksize / 2;
         let k = ksize * ksize * cin;
         let pixels = h * w;
         let images = x.len() / (pixels * cin);
         let mut out = vec![0f32; images * pixels * cout];
-        let mut col = vec![0f32; CONV_CHUNK.min(pixels) * k];
+        let chunk = |src: &[f32], start: usize, col: &mut Vec<f32>, dst: &mut [f32], serial| {
+            let end = (start + CONV_CHUNK).min(pixels);
+            let rows = end - start;
+            col.resize(rows * k, 0.0);
+            im2col(src, &mut col[..rows * k], start, end, (h, w, cin, ksize));
+            let y = if serial {
+                matmul_packed_serial(&col[..rows * k], panels, rows, k, cout)
+            } else {
+                matmul_packed(&col[..rows * k], panels, rows, k, cout)
+            };
+            dst.copy_from_slice(&y);
+            if let Some(bias) = &self.conv.bias {
+                for row in dst.chunks_exact_mut(cout) {
+                    row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+                }
+            }
+        };
         for img in 0..images {
             let src = &x[img * pixels * cin..(img + 1) * pixels * cin];
-            for start in (0..pixels).step_by(CONV_CHUNK) {
-                let end = (start + CONV_CHUNK).min(pixels);
-                let rows = end - start;
-                let col = &mut col[..rows * k];
-                if ksize == 1 {
-                    col.copy_from_slice(&src[start * cin..end * cin]);
-                } else {
-                    col.fill(0.0);
-                    for (r, p) in (start..end).enumerate() {
-                        let (y, xx) = (p / w, p % w);
-                        for kh in 0..ksize {
-                            let Some(iy) = (y + kh).checked_sub(pad).filter(|&iy| iy < h) else {
-                                continue;
-                            };
-                            for kw in 0..ksize {
-                                let Some(ix) = (xx + kw).checked_sub(pad).filter(|&ix| ix < w)
-                                else {
-                                    continue;
-                                };
-                                let d = r * k + (kh * ksize + kw) * cin;
-                                let s = (iy * w + ix) * cin;
-                                col[d..d + cin].copy_from_slice(&src[s..s + cin]);
-                            }
-                        }
-                    }
-                }
-                let y = matmul_packed(col, panels, rows, k, cout);
-                let dst = &mut out[(img * pixels + start) * cout..(img * pixels + end) * cout];
-                dst.copy_from_slice(&y);
-                if let Some(bias) = &self.conv.bias {
-                    for row in dst.chunks_exact_mut(cout) {
-                        row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
-                    }
-                }
+            let dst = &mut out[img * pixels * cout..(img + 1) * pixels * cout];
+            if pixels > CONV_CHUNK {
+                // Chunks of output pixels in parallel, each with its own im2col scratch and a
+                // single-threaded product: the copy into the scratch is parallel too.
+                use rayon::prelude::*;
+                dst.par_chunks_mut(CONV_CHUNK * cout)
+                    .enumerate()
+                    .for_each_init(Vec::new, |col, (i, d)| {
+                        chunk(src, i * CONV_CHUNK, col, d, true)
+                    });
+            } else {
+                // One chunk: the product splits its column panels between the threads.
+                chunk(src, 0, &mut Vec::new(), dst, false);
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((images * pixels, cout))))
+    }
+}
+
+/// GroupNorm (optionally followed by SiLU) over a channels-last `[B, H, W, C]` f32 tensor:
+/// one pass for each group's mean and variance (f64 sums, pixel chunks in parallel), one for
+/// `x * scale + shift` per channel. candle's GroupNorm wants channels first and runs as a
+/// dozen separate passes; the VQ decoder calls this twice per residual block at full
+/// resolution.
+pub struct GroupNormNhwc<'a> {
+    /// Number of groups (divides C).
+    pub groups: usize,
+    /// Added to the variance.
+    pub eps: f64,
+    /// Per-channel scale.
+    pub gamma: &'a [f32],
+    /// Per-channel shift.
+    pub beta: &'a [f32],
+    /// Apply SiLU to the result.
+    pub silu: bool,
+}
+
+impl CustomOp1 for GroupNormNhwc<'_> {
+    fn name(&self) -> &'static str {
+        "group-norm-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let Some((o0, o1)) = l.contiguous_offsets() else {
+            candle_core::bail!("group-norm-nhwc needs a contiguous input");
+        };
+        let (b, h, w, c) = l.shape().dims4()?;
+        let g = self.groups;
+        if g == 0 || c % g != 0 || self.gamma.len() != c || self.beta.len() != c {
+            candle_core::bail!("group-norm-nhwc: {c} channels, {g} groups");
+        }
+        let x = &s.as_slice::<f32>()?[o0..o1];
+        let (pixels, cpg) = (h * w, c / g);
+        let mut out = vec![0f32; x.len()];
+        const PIX: usize = 1024;
+        for img in 0..b {
+            let src = &x[img * pixels * c..(img + 1) * pixels * c];
+            let sums = src
+                .par_chunks(PIX * c)
+                .map(|chunk| {
+                    let mut acc = vec![(0f64, 0f64); g];
+                    for px in chunk.chunks_exact(c) {
+                        for (a, grp) in acc.iter_mut().zip(px.chunks_exact(cpg)) {
+                            let (s1, s2) = grp
+                                .iter()
+                                .fold((0f32, 0f32), |(s1, s2), &v| (s1 + v, s2 + v * v));
+                            a.0 += s1 as f64;
+                            a.1 += s2 as f64;
+                        }
+                    }
+                    acc
+                })
+                .reduce(
+                    || vec![(0f64, 0f64); g],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(x, y)| {
+                            x.0 += y.0;
+                            x.1 += y.1;
+                        });
+                        a
+                    },
+                );
+            let n = (pixels * cpg) as f64;
+            let mut scale = vec![0f32; c];
+            let mut shift = vec![0f32; c];
+            for ch in 0..c {
+                let (s1, s2) = sums[ch / cpg];
+                let mean = s1 / n;
+                let var = (s2 / n - mean * mean).max(0.0);
+                let inv = 1.0 / (var + self.eps).sqrt();
+                scale[ch] = (self.gamma[ch] as f64 * inv) as f32;
+                shift[ch] = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
+            }
+            let silu = self.silu;
+            out[img * pixels * c..(img + 1) * pixels * c]
+                .par_chunks_mut(PIX * c)
+                .zip(src.par_chunks(PIX * c))
+                .for_each(|(dst, chunk)| {
+                    for (dpx, px) in dst.chunks_exact_mut(c).zip(chunk.chunks_exact(c)) {
+                        for (((d, &v), &sc), &sh) in dpx.iter_mut().zip(px).zip(&scale).zip(&shift)
+                        {
+                            let y = v * sc + sh;
+                            *d = if silu { y / (1.0 + (-y).exp()) } else { y };
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// The channels-last im2col rows of output pixels `start..end` of an `h x w x cin` image for
+/// a `ksize x ksize` kernel with zero padding `ksize / 2`: row `r` holds the patch of pixel
+/// `start + r` as `(kh, kw, cin)`.
+fn im2col(
+    src: &[f32],
+    col: &mut [f32],
+    start: usize,
+    end: usize,
+    (h, w, cin, ksize): (usize, usize, usize, usize),
+) {
+    let pad = ksize / 2;
+    let k = ksize * ksize * cin;
+    if ksize == 1 {
+        col.copy_from_slice(&src[start * cin..end * cin]);
+        return;
+    }
+    col.fill(0.0);
+    for (r, p) in (start..end).enumerate() {
+        let (y, xx) = (p / w, p % w);
+        for kh in 0..ksize {
+            let Some(iy) = (y + kh).checked_sub(pad).filter(|&iy| iy < h) else {
+                continue;
+            };
+            for kw in 0..ksize {
+                let Some(ix) = (xx + kw).checked_sub(pad).filter(|&ix| ix < w) else {
+                    continue;
+                };
+                let d = r * k + (kh * ksize + kw) * cin;
+                let s = (iy * w + ix) * cin;
+                col[d..d + cin].copy_from_slice(&src[s..s + cin]);
+            }
+        }
     }
 }
 
@@ -597,6 +736,36 @@ impl CustomOp3 for SlotAttention<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channels_last_group_norm_matches_candles() -> Result<()> {
+        use candle_core::{Device, Module};
+        let dev = Device::Cpu;
+        // 12 channels in 3 groups of 4: the statistics span several channels.
+        let x = Tensor::randn(0.5f32, 2.0, (2, 12, 5, 7), &dev)?;
+        let gamma = Tensor::randn(1f32, 0.3, 12, &dev)?;
+        let beta = Tensor::randn(0f32, 0.3, 12, &dev)?;
+        let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), 12, 3, 1e-6)?;
+        let (g, b) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
+        for silu in [false, true] {
+            let want = gn.forward(&x)?;
+            let want = if silu { want.silu()? } else { want };
+            let got = x
+                .permute((0, 2, 3, 1))?
+                .contiguous()?
+                .apply_op1_no_bwd(&GroupNormNhwc {
+                    groups: 3,
+                    eps: 1e-6,
+                    gamma: &g,
+                    beta: &b,
+                    silu,
+                })?;
+            let got = got.permute((0, 3, 1, 2))?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "silu {silu}: {diff}");
+        }
+        Ok(())
+    }
 
     fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * n];

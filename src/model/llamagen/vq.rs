@@ -5,7 +5,7 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
 use super::config::VqConfig;
-use crate::model::cpu_kernels::PackedConv;
+use crate::model::cpu_kernels::{GroupNormNhwc, PackedConv};
 
 const GN_EPS: f64 = 1e-6;
 
@@ -26,6 +26,19 @@ impl Module for Conv {
     }
 }
 
+impl Conv {
+    /// Channels-last in and out (the CPU path; candle's conv goes through channels-first).
+    fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Conv::Packed(p) => p.forward_nhwc(x),
+            Conv::Candle(c) => c
+                .forward(&x.permute((0, 3, 1, 2))?)?
+                .permute((0, 2, 3, 1))?
+                .contiguous(),
+        }
+    }
+}
+
 fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> Result<Conv> {
     let cfg = Conv2dConfig {
         padding: k / 2,
@@ -39,15 +52,51 @@ fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> Result<Conv> {
     }
 }
 
-fn norm(groups: usize, ch: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, ch, GN_EPS, vb)
+/// A GroupNorm: candle's for channels-first tensors, plus its parameters for the CPU's
+/// channels-last kernel.
+#[derive(Debug)]
+struct Norm {
+    gn: GroupNorm,
+    groups: usize,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl Norm {
+    /// GroupNorm, then SiLU when `silu`, channels-first.
+    fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let y = self.gn.forward(x)?;
+        if silu { y.silu() } else { Ok(y) }
+    }
+
+    /// The same, channels-last, fused in one kernel.
+    fn forward_nhwc(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&GroupNormNhwc {
+            groups: self.groups,
+            eps: GN_EPS,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            silu,
+        })
+    }
+}
+
+fn norm(groups: usize, ch: usize, vb: VarBuilder) -> Result<Norm> {
+    let weight = vb.get(ch, "weight")?;
+    let bias = vb.get(ch, "bias")?;
+    Ok(Norm {
+        gamma: weight.to_dtype(DType::F32)?.to_vec1()?,
+        beta: bias.to_dtype(DType::F32)?.to_vec1()?,
+        gn: GroupNorm::new(weight, bias, ch, groups, GN_EPS)?,
+        groups,
+    })
 }
 
 #[derive(Debug)]
 struct ResBlock {
-    norm1: GroupNorm,
+    norm1: Norm,
     conv1: Conv,
-    norm2: GroupNorm,
+    norm2: Norm,
     conv2: Conv,
     nin_shortcut: Option<Conv>,
 }
@@ -70,8 +119,8 @@ impl ResBlock {
 
 impl Module for ResBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
         match &self.nin_shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -79,9 +128,24 @@ impl Module for ResBlock {
     }
 }
 
+impl ResBlock {
+    fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward_nhwc(&self.norm1.forward_nhwc(x, true)?)?;
+        let h = self
+            .conv2
+            .forward_nhwc(&self.norm2.forward_nhwc(&h, true)?)?;
+        match &self.nin_shortcut {
+            Some(s) => s.forward_nhwc(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct AttnBlock {
-    norm: GroupNorm,
+    norm: Norm,
     q: Conv,
     k: Conv,
     v: Conv,
@@ -103,7 +167,7 @@ impl AttnBlock {
 impl Module for AttnBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let n = self.norm.forward(x)?;
+        let n = self.norm.forward(x, false)?;
         let q = self
             .q
             .forward(&n)?
@@ -138,6 +202,30 @@ impl Module for Layer {
     }
 }
 
+impl Layer {
+    /// Channels-last. Attention runs at the lowest resolution only: it goes through the
+    /// channels-first code there (two small copies).
+    fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Layer::Res(r) => r.forward_nhwc(x),
+            Layer::Attn(a) => a
+                .forward(&x.permute((0, 3, 1, 2))?.contiguous()?)?
+                .permute((0, 2, 3, 1))?
+                .contiguous(),
+            Layer::Upsample(c) => {
+                // Nearest neighbour: each pixel repeated 2 x 2, one copy.
+                let (b, h, w, ch) = x.dims4()?;
+                let up = x
+                    .reshape((b, h, 1, w, 1, ch))?
+                    .broadcast_as((b, h, 2, w, 2, ch))?
+                    .contiguous()?
+                    .reshape((b, h * 2, w * 2, ch))?;
+                c.forward_nhwc(&up)
+            }
+        }
+    }
+}
+
 /// Codes to pixels.
 #[derive(Debug)]
 pub struct VqDecoder {
@@ -146,7 +234,7 @@ pub struct VqDecoder {
     post_quant_conv: Conv,
     conv_in: Conv,
     layers: Vec<Layer>,
-    norm_out: GroupNorm,
+    norm_out: Norm,
     conv_out: Conv,
 }
 
@@ -248,17 +336,28 @@ impl VqDecoder {
             );
         }
         let ids = Tensor::new(codes, self.codebook.device())?;
-        let z = self
-            .codebook
-            .index_select(&ids, 0)?
-            .reshape((1, h, w, self.cfg.codebook_embed_dim))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
+        let z =
+            self.codebook
+                .index_select(&ids, 0)?
+                .reshape((1, h, w, self.cfg.codebook_embed_dim))?;
+        if matches!(self.conv_in, Conv::Packed(_)) {
+            // The CPU path keeps activations channels-last from the codes to the pixels: the
+            // packed convolutions work that way, and each layout change is a full copy.
+            let mut x = self
+                .conv_in
+                .forward_nhwc(&self.post_quant_conv.forward_nhwc(&z)?)?;
+            for layer in &self.layers {
+                x = layer.forward_nhwc(&x)?;
+            }
+            let x = self.norm_out.forward_nhwc(&x, true)?;
+            return self.conv_out.forward_nhwc(&x)?.permute((0, 3, 1, 2));
+        }
+        let z = z.permute((0, 3, 1, 2))?.contiguous()?;
         let mut x = self.conv_in.forward(&self.post_quant_conv.forward(&z)?)?;
         for layer in &self.layers {
             x = layer.forward(&x)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward(&x, true)?)
     }
 
     /// Decodes codes to 8-bit RGB, mapping [-1, 1] to [0, 255] as LlamaGen's samplers do.
