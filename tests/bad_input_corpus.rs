@@ -63,6 +63,30 @@ fn good() -> tempfile::TempDir {
     model_with(|_| {})
 }
 
+/// A copy of the text-to-image fixture (GPT, T5 folder; the VQ path points back into the
+/// fixtures), damaged by `damage`.
+fn t2i_with(damage: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let src = fixture("tiny_t2i_text");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("t5")).expect("mkdir");
+    for entry in std::fs::read_dir(src.join("t5")).expect("t5") {
+        let f = entry.expect("entry").path();
+        std::fs::copy(&f, dir.path().join("t5").join(f.file_name().expect("name"))).expect("copy");
+    }
+    std::fs::copy(
+        src.join("gpt.safetensors"),
+        dir.path().join("gpt.safetensors"),
+    )
+    .expect("copy");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).expect("copy");
+    let vq = fixture("tiny").join("vq.safetensors");
+    edit_config(dir.path(), |v| {
+        v["vq_weights"] = vq.to_string_lossy().into_owned().into()
+    });
+    damage(dir.path());
+    dir
+}
+
 fn corpus() -> Vec<Case> {
     let nan = |dir: &Path| {
         edit_tensors(&dir.join("gpt.safetensors"), |t| {
@@ -330,6 +354,51 @@ fn corpus() -> Vec<Case> {
         args: vec![],
         want: "not a model folder",
     });
+    // text-to-image: the T5 folder and the caption
+    let caption = ["--prompt", "a red apple"];
+    v.extend([
+        case(
+            "t2i: T5 folder missing",
+            t2i_with(|d| std::fs::remove_dir_all(d.join("t5")).expect("rm")),
+            &caption,
+            "text_encoder: the folder",
+        ),
+        case(
+            "t2i: tokenizer.json damaged",
+            t2i_with(|d| std::fs::write(d.join("t5/tokenizer.json"), "{ not json").expect("w")),
+            &caption,
+            "not a tokenizer",
+        ),
+        case(
+            "t2i: a T5 shard missing",
+            t2i_with(|d| {
+                std::fs::remove_file(d.join("t5/model-00003-of-00005.safetensors")).expect("rm")
+            }),
+            &caption,
+            "model-00003-of-00005.safetensors",
+        ),
+        case(
+            "t2i: caption_dim differs from the encoder",
+            t2i_with(|d| {
+                edit_config(d, |v| v["caption_dim"] = 48.into());
+                edit_tensors(&d.join("gpt.safetensors"), |t| {
+                    // Keep the GPT loadable at the new width so that the encoder check speaks.
+                    let fc1 = Tensor::zeros((64, 48), candle_core::DType::F16, &Device::Cpu);
+                    let un = Tensor::zeros((12, 48), candle_core::DType::F16, &Device::Cpu);
+                    t.insert("cls_embedding.cap_proj.fc1.weight".into(), fc1.expect("t"));
+                    t.insert("cls_embedding.uncond_embedding".into(), un.expect("t"));
+                })
+            }),
+            &caption,
+            "caption_dim",
+        ),
+        case(
+            "t2i: a class for a caption model",
+            t2i_with(|_| {}),
+            &["--class", "1"],
+            "--prompt",
+        ),
+    ]);
     std::mem::forget(out_dir);
     v
 }

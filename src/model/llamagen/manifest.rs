@@ -64,6 +64,12 @@ impl Manifest {
             .and_then(|()| bounded("grid_w", m.grid_w, 1, 512))
             .map_err(&bad)?;
         let text_params = match &m.text_encoder {
+            Some(folder) if !dir.join(folder).is_dir() => {
+                return Err(bad(format!(
+                    "text_encoder: the folder {} does not exist (it should hold FLAN-T5's config.json, tokenizer.json and weights)",
+                    dir.join(folder).display()
+                )));
+            }
             Some(folder) => crate::model::t5::encoder_params(&dir.join(folder))?,
             None => 0,
         };
