@@ -10,22 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/release/zipar-studio}")
 clicks=${2:-6}
-window=$(python3 -c 'import json; print(json.load(open("assets/models/emoji/config.json")).get("defaults", {}).get("window", 4))' 2>/dev/null || echo 4)
-tmp=$(mktemp -d)
-HOME=$tmp/home
-mkdir -p "$HOME"
-export HOME
-display=:$((100 + RANDOM % 100))
-Xvfb "$display" -screen 0 1280x800x24 >/dev/null 2>&1 &
-xvfb=$!
-export DISPLAY=$display
-sleep 2
-RUST_LOG=info "$bin" >"$tmp/app.log" 2>&1 &
-app=$!
-trap 'kill $app $xvfb 2>/dev/null || true; rm -rf "$tmp"' EXIT
-sleep 6
-win=$(xdotool search --name "ZipAR Studio" | head -1)
-xdotool windowfocus "$win"
+# shellcheck source=scripts/xvfb_app.sh
+source scripts/xvfb_app.sh
+window=$(model_window)
+start_app "$bin" RUST_LOG=info
 for _ in $(seq "$clicks"); do
   xdotool mousemove 511 16 click 1 # Compare
   sleep 4

@@ -14,22 +14,10 @@ cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/release/zipar-studio}")
 out=$(realpath -m "${2:-docs}")
 mkdir -p "$out"
-window=$(python3 -c 'import json; print(json.load(open("assets/models/emoji/config.json")).get("defaults", {}).get("window", 4))' 2>/dev/null || echo 4)
-tmp=$(mktemp -d)
-HOME=$tmp/home
-mkdir -p "$HOME"
-export HOME
-display=:$((100 + RANDOM % 100))
-Xvfb "$display" -screen 0 1280x800x24 >/dev/null 2>&1 &
-xvfb=$!
-export DISPLAY=$display
-sleep 2
-"$bin" >"$tmp/app.log" 2>&1 &
-app=$!
-trap 'kill $app $xvfb 2>/dev/null || true; rm -rf "$tmp"' EXIT
-sleep 6
-win=$(xdotool search --name "ZipAR Studio" | head -1)
-xdotool windowfocus "$win"
+# shellcheck source=scripts/xvfb_app.sh
+source scripts/xvfb_app.sh
+window=$(model_window)
+start_app "$bin"
 click() { xdotool mousemove "$1" "$2" click 1; sleep "${3:-0.7}"; }
 # Type a pass count into the replay's number field (a click opens it for editing).
 seek() {
