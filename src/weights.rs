@@ -320,12 +320,25 @@ pub fn count_elements_where(path: &Path, keep: Keep) -> Result<u64, WeightsError
         return Ok(n);
     }
     let (header, _) = safetensors_header(path)?;
-    Ok(header
-        .iter()
-        .filter(|(name, _)| name.as_str() != "__metadata__" && keep(name))
-        .filter_map(|(_, info)| info.get("shape")?.as_array().cloned())
-        .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
-        .sum())
+    let mut total = 0u64;
+    for (name, info) in &header {
+        if name == "__metadata__" || !keep(unwrapped(name)) {
+            continue;
+        }
+        let elems = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|dims| {
+                dims.iter()
+                    .try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?))
+            })
+            .and_then(|n| total.checked_add(n));
+        total = elems.ok_or_else(|| WeightsError::Corrupt {
+            path: path.to_path_buf(),
+            msg: format!("tensor {name}: its shape is not a list of sizes that fit in 64 bits"),
+        })?;
+    }
+    Ok(total)
 }
 
 type Header = serde_json::Map<String, serde_json::Value>;
@@ -374,7 +387,7 @@ fn read_safetensors_where(
     let file_len = f.metadata().map_err(io)?.len();
     let mut out = HashMap::new();
     for (name, info) in &header {
-        if name == "__metadata__" || !keep(name) {
+        if name == "__metadata__" || !keep(unwrapped(name)) {
             continue;
         }
         let bad = |what: &str| corrupt(format!("tensor {name}: {what}"));
@@ -401,7 +414,7 @@ fn read_safetensors_where(
             .try_fold(dtype.size_in_bytes() as u64, |acc, &d| {
                 acc.checked_mul(d as u64)
             });
-        if a > b || Some(b - a) != bytes || start + b > file_len {
+        if a > b || Some(b - a) != bytes || start.checked_add(b).is_none_or(|e| e > file_len) {
             return Err(bad(
                 "its byte range does not match its shape or lies outside the file",
             ));
@@ -430,16 +443,19 @@ fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
 /// and `torch.compile`'s `_orig_mod.` (in either order, possibly both).
 const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
 
+/// A name without the [`WRAPPER_PREFIXES`], as filters see it on every format.
+fn unwrapped(mut name: &str) -> &str {
+    while let Some(rest) = WRAPPER_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) {
+        name = rest;
+    }
+    name
+}
+
 /// Removes [`WRAPPER_PREFIXES`] from every key, so wrapped checkpoints load as they are.
 fn strip_wrapper_prefixes(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
     tensors
         .into_iter()
-        .map(|(mut k, t)| {
-            while let Some(rest) = WRAPPER_PREFIXES.iter().find_map(|p| k.strip_prefix(p)) {
-                k = rest.to_string();
-            }
-            (k, t)
-        })
+        .map(|(k, t)| (unwrapped(&k).to_string(), t))
         .collect()
 }
 
@@ -550,6 +566,11 @@ pub fn shard_files(path: &Path) -> Result<Option<Vec<PathBuf>>, WeightsError> {
         let file = file
             .as_str()
             .ok_or_else(|| corrupt(format!("the shard of {tensor} is not a file name")))?;
+        if file.to_ascii_lowercase().ends_with(".index.json") {
+            return Err(corrupt(format!(
+                "the shard of {tensor} is another index ({file}): shards must be weight files"
+            )));
+        }
         let f = dir.join(file);
         if !files.contains(&f) {
             files.push(f);
@@ -624,6 +645,59 @@ pub fn compiled_devices() -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `.safetensors` file with this JSON header and `data` bytes after it.
+    fn safetensors_file(dir: &Path, header: &str, data: usize) -> PathBuf {
+        let p = dir.join("w.safetensors");
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(vec![0u8; data]);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn damaged_safetensors_headers_are_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep_all: Keep = &|_| true;
+        // Byte offsets near u64::MAX: no overflow, no seek into the header.
+        let p = safetensors_file(
+            dir.path(),
+            r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[18446744073709551611,18446744073709551615]}}"#,
+            4,
+        );
+        let e = read_tensors_where(&p, Some(keep_all), &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("byte range"), "{e}");
+        // A shape whose element count does not fit in 64 bits, and a negative size.
+        for shape in ["[4294967296,4294967296,4]", "[-1,2]"] {
+            let h = format!(r#"{{"x":{{"dtype":"F32","shape":{shape},"data_offsets":[0,4]}}}}"#);
+            let p = safetensors_file(dir.path(), &h, 4);
+            let e = count_elements_where(&p, keep_all).unwrap_err().to_string();
+            assert!(e.contains("shape"), "{shape}: {e}");
+        }
+        // A good file counts and reads, and names behind a DDP prefix are filtered unwrapped.
+        let p = safetensors_file(
+            dir.path(),
+            r#"{"module.enc.w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"dec.w":{"dtype":"F32","shape":[3],"data_offsets":[16,28]}}"#,
+            28,
+        );
+        let enc: Keep = &|n| n.starts_with("enc.");
+        assert_eq!(count_elements_where(&p, enc).unwrap(), 4);
+        let t = read_tensors_where(&p, Some(enc), &mut |_| {}).unwrap();
+        assert_eq!(t.keys().collect::<Vec<_>>(), ["enc.w"]);
+        // An index whose shard is an index (itself) is refused instead of followed forever.
+        let idx = dir.path().join("model.safetensors.index.json");
+        std::fs::write(
+            &idx,
+            r#"{"weight_map":{"x":"model.safetensors.index.json"}}"#,
+        )
+        .unwrap();
+        let e = read_tensors(&idx).unwrap_err().to_string();
+        assert!(e.contains("another index"), "{e}");
+        assert!(count_elements_where(&idx, keep_all).is_err());
+    }
 
     #[test]
     fn ddp_and_compiled_checkpoints_load_under_their_plain_names() -> anyhow::Result<()> {

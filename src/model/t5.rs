@@ -9,7 +9,7 @@
 //! tokens only: with the padding masked, a real token never attends to a pad, and T5's
 //! relative position bias depends on distances alone, so the rows are the same. The pad rows
 //! are zeroed by the sampler anyway. The GPT places the rows (left padding) and masks the rest:
-//! see `Gpt::prefill`.
+//! see `Gpt::start`.
 
 use std::path::{Path, PathBuf};
 
@@ -260,8 +260,8 @@ pub fn clean_caption(caption: &str) -> String {
     once(&once(caption))
 }
 
-/// `urllib.parse.unquote_plus`: `+` is a space, `%XX` a byte (kept as typed when the bytes
-/// are not UTF-8).
+/// `urllib.parse.unquote_plus`: `+` is a space, `%XX` a byte; bytes that do not form UTF-8
+/// become U+FFFD.
 fn unquote_plus(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -285,7 +285,8 @@ fn unquote_plus(s: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
+    // Bytes that are not UTF-8 become U+FFFD, as Python's `errors="replace"` does.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -309,6 +310,7 @@ mod tests {
             ("well-known cat", "well-known cat"),
             ("- a cat:", "a cat"),
             ("%zz and %", "%zz and %"),
+            ("a+b%FF", "a b\u{FFFD}"),
             ("", ""),
             ("\"a cat\"", "a cat"),
             ("wait... ''what''", "wait \"what\""),
