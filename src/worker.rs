@@ -155,6 +155,8 @@ pub enum Event {
         trace: Box<DecodeTrace>,
         /// Final image.
         image: RgbImage,
+        /// The run's wall time as the worker measured it: from its start to its image decoded.
+        wall: Duration,
     },
     /// A generation was stopped.
     Cancelled {
@@ -319,10 +321,11 @@ impl Worker {
                     let result = self.generate(job, &cond, &params, attention);
                     self.busy.store(false, Ordering::SeqCst);
                     let e = match result {
-                        Ok((trace, image)) => Event::Finished {
+                        Ok((trace, image, wall)) => Event::Finished {
                             job,
                             trace: Box::new(trace),
                             image,
+                            wall,
                         },
                         Err(GenError::Cancelled) => Event::Cancelled { job },
                         Err(GenError::Other(error)) => Event::Failed { job, error },
@@ -378,7 +381,7 @@ impl Worker {
         cond: &Condition,
         params: &GenerateParams,
         attention: Option<usize>,
-    ) -> Result<(DecodeTrace, RgbImage), GenError> {
+    ) -> Result<(DecodeTrace, RgbImage, Duration), GenError> {
         let Some(model) = self.model.as_deref_mut() else {
             return Err(GenError::Other("no model is loaded".into()));
         };
@@ -434,7 +437,7 @@ impl Worker {
             t_image.elapsed().as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64() * 1e3,
         );
-        Ok((trace, image))
+        Ok((trace, image, started.elapsed()))
     }
 }
 

@@ -556,6 +556,13 @@ fn a_text_to_image_model_takes_a_free_text_caption() {
     let run = h.state().runs().next().cloned().expect("a run");
     assert_eq!(run.status, RunStatus::Done, "{:?}", h.state().status);
     assert_eq!(run.passes_done(), 24);
+    // The wall time is the worker's: it covers the decoding (the T5 pass included).
+    let wall_ms = run.elapsed.as_secs_f64() * 1e3;
+    assert!(
+        wall_ms >= run.decode_ms(),
+        "wall {wall_ms} < decode {}",
+        run.decode_ms()
+    );
     assert!(h.query_by_label_contains("free-text caption").is_some());
     // An empty caption is refused with a message.
     h.state_mut().settings.prompt.clear();

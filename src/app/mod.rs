@@ -312,8 +312,10 @@ impl StudioApp {
                         total_passes, grid, ..
                     } => run.on_started(total_passes, grid),
                     Event::Pass { report, .. } => run.on_pass(&report, palette.as_deref()),
-                    Event::Finished { trace, image, .. } => {
-                        run.on_finished(*trace, image);
+                    Event::Finished {
+                        trace, image, wall, ..
+                    } => {
+                        run.on_finished(*trace, image, wall);
                         let msg = format!(
                             "{}: {} passes (NTP {}), {:.0} ms",
                             run.label,

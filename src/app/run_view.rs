@@ -236,8 +236,10 @@ impl RunView {
         }
     }
 
-    /// The run finished: the trace is the authority from now on.
-    pub fn on_finished(&mut self, trace: DecodeTrace, image: RgbImage) {
+    /// The run finished: the trace is the authority from now on, and the worker's `wall`
+    /// time replaces the UI's estimate (which starts when the UI sees the run start, up to a
+    /// frame late, and could read less than the decode time).
+    pub fn on_finished(&mut self, trace: DecodeTrace, image: RgbImage, wall: Duration) {
         self.tokens = trace.tokens.iter().map(|&t| Some(t)).collect();
         self.pass_of = trace.pass_of.iter().map(|&p| Some(p)).collect();
         self.window_of = trace.window_of.iter().map(|&x| Some(x)).collect();
@@ -249,9 +251,7 @@ impl RunView {
         };
         self.pass_ms = trace.pass_ms.clone();
         self.tokens_per_pass = trace.tokens_per_pass.clone();
-        if let Some(s) = self.started {
-            self.elapsed = s.elapsed();
-        }
+        self.elapsed = wall;
         self.trace = Some(trace);
         self.image = Some(image);
         self.preview = None;
