@@ -319,7 +319,7 @@ pub fn count_elements_where(path: &Path, keep: Keep) -> Result<u64, WeightsError
         }
         return Ok(n);
     }
-    let (header, _) = safetensors_header(path)?;
+    let (header, ..) = safetensors_header(path)?;
     let mut total = 0u64;
     for (name, info) in &header {
         if name == "__metadata__" || !keep(unwrapped(name)) {
@@ -343,8 +343,9 @@ pub fn count_elements_where(path: &Path, keep: Keep) -> Result<u64, WeightsError
 
 type Header = serde_json::Map<String, serde_json::Value>;
 
-/// A `.safetensors` file's JSON header and the offset its data starts at.
-fn safetensors_header(path: &Path) -> Result<(Header, u64), WeightsError> {
+/// A `.safetensors` file's JSON header, the offset its data starts at, its length, and the
+/// open file.
+fn safetensors_header(path: &Path) -> Result<(Header, u64, u64, std::fs::File), WeightsError> {
     use std::io::Read;
     let corrupt = |msg: String| WeightsError::Corrupt {
         path: path.to_path_buf(),
@@ -366,7 +367,7 @@ fn safetensors_header(path: &Path) -> Result<(Header, u64), WeightsError> {
     f.read_exact(&mut header).map_err(io)?;
     let header: Header = serde_json::from_slice(&header)
         .map_err(|e| corrupt(format!("its header is not JSON: {e}")))?;
-    Ok((header, 8 + n))
+    Ok((header, 8 + n, file_len, f))
 }
 
 /// The tensors of a `.safetensors` file that `keep` accepts, each read from its own byte
@@ -382,9 +383,7 @@ fn read_safetensors_where(
         msg,
     };
     let io = |e: std::io::Error| corrupt(e.to_string());
-    let (header, start) = safetensors_header(path)?;
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let file_len = f.metadata().map_err(io)?.len();
+    let (header, start, file_len, mut f) = safetensors_header(path)?;
     let mut out = HashMap::new();
     for (name, info) in &header {
         if name == "__metadata__" || !keep(unwrapped(name)) {

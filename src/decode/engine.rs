@@ -297,22 +297,21 @@ fn generate_planned(
             plan.rejections()
                 .map_or_else(|| vec![0; h], |r| (0..h).map(|i| r[i * w]).collect())
         };
-        let rejected_before = first_cells(plan);
-        let mut verifier = sampler.clone();
+        // Which rows had a draft rejected in this pass: only attention capture needs it.
+        let rejected_before = pass_attention.as_ref().map(|_| first_cells(plan));
         let produced = plan.record(&feeds, outcomes, &mut |x, p, q| {
-            adaptive::verify(&mut verifier, greedy, x, p, q)
+            adaptive::verify(&mut sampler, greedy, x, p, q)
         });
-        sampler = verifier;
-        let attention = match pass_attention {
-            Some(a) => {
+        let attention = match (pass_attention, rejected_before) {
+            (Some(a), Some(before)) => {
                 let rejected: Vec<bool> = first_cells(plan)
                     .iter()
-                    .zip(&rejected_before)
+                    .zip(&before)
                     .map(|(now, before)| now > before)
                     .collect();
                 capture.pass(&a, index, &feeds, &produced, &rejected)
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let report = PassReport {
             index,
