@@ -3,6 +3,8 @@
 //! (none, as the CPU decoder runs it), candle's GroupNorm + SiLU against the fused
 //! channels-last kernel, nearest upsampling.
 //!     cargo run --release --example vq_ops
+//! `vq_ops decode DIR` times a model folder's whole decoder (the first call is a warm-up).
+//! `vq_ops conv` runs only the channels-last convolution, 20 times (for `perf record`).
 use std::time::Instant;
 
 use candle_core::{Device, Module, Tensor};
@@ -20,6 +22,10 @@ fn time(name: &str, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candl
     );
     Ok(())
 }
+
+/// The allocator the binary uses (see `src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -44,6 +50,27 @@ fn main() -> candle_core::Result<()> {
         beta: &zeros,
         silu: true,
     };
+    if std::env::args().nth(1).as_deref() == Some("decode") {
+        // The whole decoder of a model folder, e.g. /tmp/llamagen-b from bench_reference.py.
+        let dir = std::env::args().nth(2).expect("vq_ops decode MODEL_DIR");
+        let model = zipar_studio::model::llamagen::LlamaGen::load(dir.as_ref(), &dev)
+            .map_err(candle_core::Error::wrap)?;
+        let (h, w) = zipar_studio::model::ImageArModel::grid(&model);
+        let codes: Vec<u32> = (0..h * w).map(|i| (i * 7919 % 1000) as u32).collect();
+        for _ in 0..4 {
+            let t0 = Instant::now();
+            model.vq().decode_rgb(&codes, h, w)?;
+            println!("decode {h}x{w}: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        }
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("conv") {
+        // Only the channels-last convolution, many times: for `perf record`.
+        for _ in 0..20 {
+            conv.forward_nhwc(&nhwc)?;
+        }
+        return Ok(());
+    }
     dev.with_context(|| -> candle_core::Result<()> {
         time("conv 3x3 128->128, NCHW", || conv.forward(&x)?.contiguous())?;
         time("conv 3x3 128->128, NHWC", || conv.forward_nhwc(&nhwc))?;

@@ -22,6 +22,13 @@ fn pin_thread_count() {
 }
 use zipar_studio::cli::{self, Cli};
 
+/// mimalloc instead of the system allocator: candle allocates a fresh buffer for every op, and
+/// glibc hands large ones to `mmap` and back on free, so each op paid a page fault per 4 KiB
+/// it wrote (perf: 15% of a VQ convolution). mimalloc keeps and reuses that memory. Measured
+/// with `vq_ops decode` on the LlamaGen-B-sized decoder: about 870 -> 660 ms an image.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     pin_thread_count();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();

@@ -8,6 +8,7 @@ pub mod llamagen;
 pub mod palette;
 pub mod registry;
 pub mod t5;
+pub mod winograd;
 
 use crate::decode::schedule::Layout;
 
