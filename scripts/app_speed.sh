@@ -13,7 +13,7 @@ clicks=${2:-6}
 # shellcheck source=scripts/xvfb_app.sh
 source scripts/xvfb_app.sh
 window=$(model_window)
-start_app "$bin" RUST_LOG=info
+start_app "$bin" "RUST_LOG=${RUST_LOG:-info}"
 for _ in $(seq "$clicks"); do
   xdotool mousemove 511 16 click 1 # Compare
   sleep 4
