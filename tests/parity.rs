@@ -125,6 +125,52 @@ fn vq_decoder_matches_reference() {
 }
 
 #[test]
+fn taming_vqgan_decoder_matches_reference() {
+    // Chameleon's (Lumina-mGPT's) image decoder: taming-transformers' VQGAN, read through the
+    // LlamaGen decoder with `style: taming` (training/make_vqgan_fixture.py). The file also
+    // holds a loss weight the decoder must not need.
+    let r = reference("tiny_vqgan");
+    let cfg: zipar_studio::model::llamagen::VqConfig =
+        serde_json::from_value(r["vq"].clone()).expect("vq config");
+    assert_eq!(cfg.style, zipar_studio::model::llamagen::VqStyle::Taming);
+    let path = fixture("tiny_vqgan").join("vqgan.safetensors");
+    let vb = zipar_studio::weights::var_builder(&path, candle_core::DType::F32, &Device::Cpu)
+        .expect("weights");
+    let vq = zipar_studio::model::llamagen::VqDecoder::load(&cfg, vb).expect("decoder");
+    let grid = u32s(&r["grid"]);
+    let (h, w) = (grid[0] as usize, grid[1] as usize);
+    let codes = u32s(&r["codes"]);
+    let x = vq
+        .decode(&codes, h, w)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .expect("decode");
+    let d = max_abs_diff(&x, &f32s(&r["pixels"]));
+    assert!(d < 1e-4, "pixels differ by {d}");
+    let img = vq.decode_rgb(&codes, h, w).expect("image");
+    let shape = u32s(&r["shape"]);
+    assert_eq!(
+        (img.height, img.width),
+        (shape[1] as usize, shape[2] as usize)
+    );
+    let want: Vec<u8> = u32s(&r["rgb8"]).iter().map(|&v| v as u8).collect();
+    let off = img
+        .pixels
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.abs_diff(**b) > 1)
+        .count();
+    assert_eq!(off, 0, "8-bit pixels differ by more than one step");
+    // Read as LlamaGen's layout, the same file is refused (its keys are named otherwise).
+    let llamagen = zipar_studio::model::llamagen::VqConfig {
+        style: zipar_studio::model::llamagen::VqStyle::LlamaGen,
+        ..cfg
+    };
+    let vb = zipar_studio::weights::var_builder(&path, candle_core::DType::F32, &Device::Cpu)
+        .expect("weights");
+    assert!(zipar_studio::model::llamagen::VqDecoder::load(&llamagen, vb).is_err());
+}
+
+#[test]
 fn pickle_checkpoints_load_like_safetensors() {
     // gpt.pt keeps the state dict under "model" (DDP files), vq.pt at the top (FSDP files).
     let src = fixture("tiny");

@@ -269,6 +269,11 @@ class VqArgs:
     num_res_blocks: int = 1
     norm_groups: int = 32
     dropout: float = 0.0
+    # "llamagen": LlamaGen's VQ (attention in the lowest-resolution decoder level, l2-normalised
+    # codebook). "taming": taming-transformers' VQGAN as Chameleon / Lumina-mGPT use it (no
+    # attention outside the middle block, the codebook used as stored); `taming_names` maps
+    # the state dict to its key names.
+    style: str = "llamagen"
 
 
 def group_norm(args: VqArgs, c: int) -> nn.GroupNorm:
@@ -396,7 +401,7 @@ class Decoder(nn.Module):
             for _ in range(a.num_res_blocks + 1):
                 lvl.res.append(ResnetBlock(a, block_in, block_out))
                 block_in = block_out
-                if i == levels - 1:
+                if i == levels - 1 and a.style == "llamagen":
                     lvl.attn.append(AttnBlock(a, block_in))
             if i != 0:
                 lvl.upsample = Upsample(block_in)
@@ -424,8 +429,11 @@ class Quantizer(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(a.codebook_size, a.codebook_embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / a.codebook_size, 1.0 / a.codebook_size)
+        self.l2 = a.style == "llamagen"
 
     def codebook(self):
+        if not self.l2:
+            return self.embedding.weight
         return F.normalize(self.embedding.weight, p=2, dim=-1)
 
     def forward(self, z):
@@ -464,6 +472,23 @@ class VqModel(nn.Module):
     def forward(self, x):
         zq, codes, vq_loss, commit = self.encode(x)
         return self.decoder(self.post_quant_conv(zq)), codes, vq_loss, commit
+
+
+def taming_names(sd: dict, levels: int) -> dict:
+    """A decoder state dict of this module with taming-transformers' key names: `mid.0/1/2` ->
+    `mid.block_1/attn_1/block_2`, decoder level `conv_blocks.L` (lowest resolution first) ->
+    `up.{levels-1-L}` with `res` -> `block`."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[:2] == ["decoder", "mid"]:
+            parts[2] = ["block_1", "attn_1", "block_2"][int(parts[2])]
+        elif parts[:2] == ["decoder", "conv_blocks"]:
+            parts[1:3] = ["up", str(levels - 1 - int(parts[2]))]
+            if parts[3] == "res":
+                parts[3] = "block"
+        out[".".join(parts)] = v
+    return out
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,25 @@ pub struct VqConfig {
     /// GroupNorm groups.
     #[serde(default = "default_groups")]
     pub norm_groups: usize,
+    /// Which VQ family the weights come from.
+    #[serde(default)]
+    pub style: VqStyle,
+}
+
+/// The two decoders of the same taming-transformers lineage the product reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VqStyle {
+    /// LlamaGen's VQ tokenizer: l2-normalised codebook, attention in every block of the
+    /// lowest-resolution decoder level, keys `decoder.conv_blocks.L.res.J` (lowest resolution
+    /// first), `decoder.mid.0/1/2`.
+    #[default]
+    LlamaGen,
+    /// taming-transformers' VQGAN, Chameleon's (and so Lumina-mGPT's) image tokenizer:
+    /// codebook used as stored, attention only in the middle block (`attn_resolutions: []`),
+    /// keys `decoder.up.I.block.J` (highest resolution first), `decoder.mid.block_1`,
+    /// `attn_1`, `block_2`.
+    Taming,
 }
 
 fn default_codebook_dim() -> usize {
@@ -213,6 +232,22 @@ impl VqConfig {
             ch_mult: default_ch_mult(),
             num_res_blocks: 2,
             norm_groups: 32,
+            style: VqStyle::LlamaGen,
+        }
+    }
+
+    /// Chameleon's VQGAN (Lumina-mGPT's image tokenizer): 8192 codes of 256, 16x down-sampling,
+    /// taming-transformers' layout.
+    pub fn chameleon_vqgan() -> Self {
+        Self {
+            codebook_size: 8192,
+            codebook_embed_dim: 256,
+            z_channels: 256,
+            ch: 128,
+            ch_mult: default_ch_mult(),
+            num_res_blocks: 2,
+            norm_groups: 32,
+            style: VqStyle::Taming,
         }
     }
 

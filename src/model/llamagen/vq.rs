@@ -1,10 +1,13 @@
 //! The decoder half of LlamaGen's VQ tokenizer (tokenizer/tokenizer_image/vq_model.py):
-//! codes -> l2-normalised codebook vectors -> post_quant_conv -> convolutional decoder.
+//! codes -> l2-normalised codebook vectors -> post_quant_conv -> convolutional decoder. With
+//! [`VqStyle::Taming`] the same code reads taming-transformers' VQGAN (Chameleon's image
+//! tokenizer, which Lumina-mGPT decodes with): its key names, the codebook as stored, attention
+//! only in the middle block.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
-use super::config::VqConfig;
+use super::config::{VqConfig, VqStyle};
 use crate::model::cpu_kernels::{GroupNormNhwc, PackedConv};
 
 const GN_EPS: f64 = 1e-6;
@@ -226,6 +229,41 @@ impl Layer {
     }
 }
 
+/// The stored name of a decoder weight in taming-transformers' layout, from the name this
+/// module asks for (LlamaGen's): `decoder.mid.0/1/2` -> `decoder.mid.block_1/attn_1/block_2`,
+/// `decoder.conv_blocks.L.res.J` -> `decoder.up.{levels - 1 - L}.block.J` (LlamaGen counts
+/// levels from the lowest resolution, taming from the highest), `.attn.J` and `.upsample` the
+/// same way. Other names are shared.
+fn taming_name(name: &str, levels: usize) -> String {
+    let mut parts: Vec<String> = name.split('.').map(str::to_string).collect();
+    match parts.get(1).map(String::as_str) {
+        Some("mid") if parts[0] == "decoder" && parts.len() > 2 => {
+            let block = match parts[2].as_str() {
+                "0" => Some("block_1"),
+                "1" => Some("attn_1"),
+                "2" => Some("block_2"),
+                _ => None,
+            };
+            if let Some(b) = block {
+                parts[2] = b.to_string();
+            }
+        }
+        Some("conv_blocks") if parts[0] == "decoder" && parts.len() > 3 => {
+            if let Ok(level) = parts[2].parse::<usize>()
+                && level < levels
+            {
+                parts[1] = "up".into();
+                parts[2] = (levels - 1 - level).to_string();
+                if parts[3] == "res" {
+                    parts[3] = "block".into();
+                }
+            }
+        }
+        _ => {}
+    }
+    parts.join(".")
+}
+
 /// Codes to pixels.
 #[derive(Debug)]
 pub struct VqDecoder {
@@ -242,17 +280,27 @@ impl VqDecoder {
     /// Builds the decoder from weights with LlamaGen's key names.
     pub fn load(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
         let g = cfg.norm_groups;
+        let levels = cfg.ch_mult.len();
+        let vb = match cfg.style {
+            VqStyle::LlamaGen => vb,
+            VqStyle::Taming => vb.rename_f(move |name| taming_name(name, levels)),
+        };
         let codebook = vb.get(
             (cfg.codebook_size, cfg.codebook_embed_dim),
             "quantize.embedding.weight",
         )?;
-        // F.normalize(p=2, dim=-1, eps=1e-12)
-        let norms = codebook
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(1e-12, f64::INFINITY)?;
-        let codebook = codebook.broadcast_div(&norms)?;
+        let codebook = match cfg.style {
+            // F.normalize(p=2, dim=-1, eps=1e-12)
+            VqStyle::LlamaGen => {
+                let norms = codebook
+                    .sqr()?
+                    .sum_keepdim(1)?
+                    .sqrt()?
+                    .clamp(1e-12, f64::INFINITY)?;
+                codebook.broadcast_div(&norms)?
+            }
+            VqStyle::Taming => codebook,
+        };
         let post_quant_conv = conv(
             cfg.codebook_embed_dim,
             cfg.z_channels,
@@ -260,7 +308,6 @@ impl VqDecoder {
             vb.pp("post_quant_conv"),
         )?;
         let dec = vb.pp("decoder");
-        let levels = cfg.ch_mult.len();
         let mut block_in = cfg.ch * cfg.ch_mult[levels - 1];
         let conv_in = conv(cfg.z_channels, block_in, 3, dec.pp("conv_in"))?;
         let mut layers = vec![
@@ -279,7 +326,7 @@ impl VqDecoder {
                     vb.pp(format!("res.{j}")),
                 )?));
                 block_in = block_out;
-                if level == 0 {
+                if level == 0 && cfg.style == VqStyle::LlamaGen {
                     layers.push(Layer::Attn(AttnBlock::load(
                         block_in,
                         g,
