@@ -31,6 +31,21 @@ impl Dense {
         }
     }
 
+    /// Several `[out_i, in]` weights stacked into one layer (`Σ out_i` outputs, in order):
+    /// separate q, k and v projections multiplied as one, as LlamaGen's fused `wqkv` is.
+    pub fn load_stacked(in_dim: usize, parts: &[(usize, VarBuilder)]) -> Result<Self> {
+        let ws = parts
+            .iter()
+            .map(|(out_dim, vb)| vb.get((*out_dim, in_dim), "weight"))
+            .collect::<Result<Vec<_>>>()?;
+        let wt = Tensor::cat(&ws, 0)?.t()?.contiguous()?;
+        if wt.device().is_cpu() && wt.dtype() == DType::F32 {
+            Ok(Self::Packed(cpu_kernels::PackedWeight::pack(&wt)?))
+        } else {
+            Ok(Self::Transposed(wt))
+        }
+    }
+
     /// `x [m, in]` times the weight.
     fn matmul_2d(&self, x: &Tensor) -> Result<Tensor> {
         match self {

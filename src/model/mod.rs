@@ -1,5 +1,6 @@
 //! The models: the [`ImageArModel`] trait that the decoder drives, and its implementations.
 
+pub mod chameleon;
 pub mod classifier;
 pub mod cpu_kernels;
 pub mod dense;
@@ -27,6 +28,9 @@ pub enum Condition {
     },
     /// A free-text caption for a text-conditional model, which encodes it itself.
     Text(String),
+    /// A prompt already tokenized, for models conditioned on tokens of their own vocabulary
+    /// (Chameleon / Lumina-mGPT).
+    Tokens(Vec<u32>),
 }
 
 /// One input of a forward pass.

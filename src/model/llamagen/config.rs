@@ -34,6 +34,24 @@ pub struct GptConfig {
     /// RMSNorm epsilon.
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f64,
+    /// The transformer family: how the weights are named and what attention does.
+    #[serde(default)]
+    pub family: Family,
+}
+
+/// The transformer families the GPT reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// LlamaGen: fused `wqkv`, 2-D RoPE (interleaved pairs) over the grid with zeroed condition
+    /// positions, a class or caption condition.
+    #[default]
+    LlamaGen,
+    /// Chameleon (the architecture of Lumina-mGPT), as Hugging Face names it
+    /// (`model.layers.N.self_attn.q_proj`, `lm_head`): a LayerNorm over each head's queries
+    /// and keys with per-head scale and shift, 1-D RoPE (rotate-half) by position, a prompt of
+    /// tokens as the condition.
+    Chameleon,
 }
 
 fn default_cls_token_num() -> usize {
@@ -73,6 +91,7 @@ impl GptConfig {
             multiple_of: 256,
             rope_base: 10000.0,
             norm_eps: 1e-5,
+            family: Family::LlamaGen,
         })
     }
 

@@ -6,8 +6,8 @@
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::config::GptConfig;
-use super::rope2d::{self, Rope2d};
+use super::config::{Family, GptConfig};
+use super::rope2d::{self, RopeTable};
 use crate::model::cpu_kernels;
 use crate::model::dense::Dense;
 use crate::model::kv::{KeyLayout, LayerKv, SlotIndex};
@@ -19,6 +19,42 @@ struct Attention {
     wo: Dense,
     n_head: usize,
     head_dim: usize,
+    /// Chameleon: the LayerNorms of each head's queries and keys.
+    qk_norm: Option<(HeadNorm, HeadNorm)>,
+    family: Family,
+}
+
+/// Chameleon's query / key norm: a LayerNorm over each head's `head_dim` values (no affine
+/// part), then a scale and a shift of its own per head, `[n_head, head_dim]`
+/// (transformers' `ChameleonLayerNorm`).
+#[derive(Debug)]
+struct HeadNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl HeadNorm {
+    const EPS: f64 = 1e-5;
+
+    fn load(n_head: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((n_head, head_dim), "weight")?,
+            bias: vb.get((n_head, head_dim), "bias")?,
+        })
+    }
+
+    /// `x: [.., n_head, head_dim]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        centred
+            .broadcast_div(&(var + Self::EPS)?.sqrt()?)?
+            .to_dtype(dt)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
 }
 
 #[derive(Debug)]
@@ -83,12 +119,22 @@ impl Attention {
         let k = rows / b;
         let qkv = self.wqkv.forward(x)?;
         let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, i * dim, dim)?
-                .reshape((b, k, self.n_head, self.head_dim))?
-                .transpose(1, 2)
+            let part =
+                qkv.narrow(D::Minus1, i * dim, dim)?
+                    .reshape((b, k, self.n_head, self.head_dim))?;
+            let part = match (&self.qk_norm, i) {
+                (Some((q_norm, _)), 0) => q_norm.forward(&part)?,
+                (Some((_, k_norm)), 1) => k_norm.forward(&part)?,
+                _ => part,
+            };
+            part.transpose(1, 2)
         };
-        let q = rope2d::apply(&split(0)?, &ctx.cos, &ctx.sin)?;
-        let key = rope2d::apply(&split(1)?, &ctx.cos, &ctx.sin)?;
+        let rope = match self.family {
+            Family::LlamaGen => rope2d::apply,
+            Family::Chameleon => rope2d::apply_rotate_half,
+        };
+        let q = rope(&split(0)?, &ctx.cos, &ctx.sin)?;
+        let key = rope(&split(1)?, &ctx.cos, &ctx.sin)?;
         let value = split(2)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if kv.layout() == KeyLayout::Transposed {
@@ -130,6 +176,9 @@ impl Attention {
 
 impl Block {
     fn load(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.family == Family::Chameleon {
+            return Self::load_chameleon(cfg, vb);
+        }
         let dim = cfg.dim;
         let hidden = cfg.ffn_hidden();
         let attn = vb.pp("attention");
@@ -140,6 +189,8 @@ impl Block {
                 wo: Dense::load(dim, dim, attn.pp("wo"))?,
                 n_head: cfg.n_head,
                 head_dim: cfg.head_dim(),
+                qk_norm: None,
+                family: Family::LlamaGen,
             },
             feed_forward: FeedForward {
                 w1: Dense::load(dim, hidden, ffn.pp("w1"))?,
@@ -148,6 +199,42 @@ impl Block {
             },
             attention_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("attention_norm"))?,
             ffn_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("ffn_norm"))?,
+        })
+    }
+
+    /// A Chameleon decoder layer under Hugging Face's names (`self_attn.{q,k,v,o}_proj`,
+    /// `self_attn.{q,k}_norm`, `mlp.{gate,up,down}_proj`, `input_layernorm`,
+    /// `post_attention_layernorm`); q, k and v are stacked into one projection.
+    fn load_chameleon(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        let (dim, hidden, hd) = (cfg.dim, cfg.ffn_hidden(), cfg.head_dim());
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            attention: Attention {
+                wqkv: Dense::load_stacked(
+                    dim,
+                    &[
+                        (dim, attn.pp("q_proj")),
+                        (dim, attn.pp("k_proj")),
+                        (dim, attn.pp("v_proj")),
+                    ],
+                )?,
+                wo: Dense::load(dim, dim, attn.pp("o_proj"))?,
+                n_head: cfg.n_head,
+                head_dim: hd,
+                qk_norm: Some((
+                    HeadNorm::load(cfg.n_head, hd, attn.pp("q_norm"))?,
+                    HeadNorm::load(cfg.n_head, hd, attn.pp("k_norm"))?,
+                )),
+                family: Family::Chameleon,
+            },
+            feed_forward: FeedForward {
+                w1: Dense::load(dim, hidden, mlp.pp("gate_proj"))?,
+                w2: Dense::load(hidden, dim, mlp.pp("down_proj"))?,
+                w3: Dense::load(dim, hidden, mlp.pp("up_proj"))?,
+            },
+            attention_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("input_layernorm"))?,
+            ffn_norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("post_attention_layernorm"))?,
         })
     }
 
@@ -179,6 +266,8 @@ enum CondEmbedding {
         fc2: Dense,
         uncond: Tensor,
     },
+    /// Chameleon: the condition is a prompt of tokens, embedded like any other token.
+    Tokens,
 }
 
 /// One run's state: its KV cache and what it has written, made by [`Gpt::start`] and advanced
@@ -192,6 +281,8 @@ pub struct Session {
     written: Vec<bool>,
     /// Slots `0..hidden` are the caption's padding: never fed, never attended to.
     hidden: usize,
+    /// Slots before the image region: the model's condition length, or a prompt's length.
+    cond_len: usize,
     /// Record attention probabilities in each pass, keeping this layer's heads one by one
     /// (`None`: nothing is computed).
     capture: Option<usize>,
@@ -222,7 +313,7 @@ pub struct Gpt {
     layers: Vec<Block>,
     norm: RmsNorm,
     output: Dense,
-    rope: Rope2d,
+    rope: RopeTable,
     device: Device,
     dtype: DType,
 }
@@ -256,6 +347,9 @@ fn pass_attention(
 impl Gpt {
     /// Builds the model for an `h x w` grid from weights with LlamaGen's key names.
     pub fn load(cfg: &GptConfig, h: usize, w: usize, vb: VarBuilder) -> Result<Self> {
+        if cfg.family == Family::Chameleon {
+            return Self::load_chameleon(cfg, h, w, vb);
+        }
         let dim = cfg.dim;
         let cond = match cfg.caption_dim {
             None => CondEmbedding::Class(candle_nn::embedding(
@@ -283,12 +377,41 @@ impl Gpt {
             layers,
             norm: candle_nn::rms_norm(dim, cfg.norm_eps, vb.pp("norm"))?,
             output: Dense::load(dim, cfg.vocab_size, vb.pp("output"))?,
-            rope: Rope2d::new(
+            rope: RopeTable::new(
                 cfg.head_dim(),
                 cfg.rope_base,
                 cfg.cls_token_num,
                 h,
                 w,
+                vb.device(),
+            )?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// A Chameleon language model under Hugging Face's names (`model.embed_tokens`,
+    /// `model.layers.N`, `model.norm`, `lm_head`), for prompts of up to `cfg.cls_token_num`
+    /// tokens followed by `h x w` positions. Other weights in the file (the VQ encoder's) are
+    /// not read.
+    pub fn load_chameleon(cfg: &GptConfig, h: usize, w: usize, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.dim;
+        let m = vb.pp("model");
+        let layers = (0..cfg.n_layer)
+            .map(|i| Block::load_chameleon(cfg, m.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            grid: (h, w),
+            tok_embeddings: candle_nn::embedding(cfg.vocab_size, dim, m.pp("embed_tokens"))?,
+            cond: CondEmbedding::Tokens,
+            layers,
+            norm: candle_nn::rms_norm(dim, cfg.norm_eps, m.pp("norm"))?,
+            output: Dense::load(dim, cfg.vocab_size, vb.pp("lm_head"))?,
+            rope: RopeTable::one_d(
+                cfg.head_dim(),
+                cfg.rope_base,
+                cfg.cls_token_num + h * w,
                 vb.device(),
             )?,
             device: vb.device().clone(),
@@ -345,6 +468,34 @@ impl Gpt {
                 let h = fc1.forward(&c)?.gelu()?;
                 fc2.forward(&h)?
             }
+            (CondEmbedding::Tokens, Condition::Tokens(ids)) => {
+                anyhow::ensure!(
+                    !cfg,
+                    "classifier-free guidance is not implemented for Chameleon models yet: use CFG 1"
+                );
+                let n = self.cfg.cls_token_num;
+                anyhow::ensure!(
+                    (1..=n).contains(&ids.len()),
+                    "a prompt of {} tokens: this model takes 1 to {n}",
+                    ids.len()
+                );
+                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                    anyhow::bail!(
+                        "token {bad} is outside the vocabulary of {}",
+                        self.cfg.vocab_size
+                    );
+                }
+                let ids = Tensor::new(ids.as_slice(), &self.device)?;
+                self.tok_embeddings
+                    .forward(&ids)?
+                    .reshape((1, ids.dim(0)?, dim))?
+            }
+            (CondEmbedding::Tokens, _) => {
+                anyhow::bail!("this model is conditioned on a prompt of tokens")
+            }
+            (_, Condition::Tokens(_)) => {
+                anyhow::bail!("this model is not conditioned on a prompt of tokens")
+            }
             (CondEmbedding::Class(_), _) => {
                 anyhow::bail!("this model is class-conditional: give a class, not a caption")
             }
@@ -370,7 +521,12 @@ impl Gpt {
     ) -> anyhow::Result<(Session, PassLogits)> {
         let x = self.cond_embeddings(cond, opts.cfg)?;
         let (batch, rows) = (x.dim(0)?, x.dim(1)?);
-        let t = self.cfg.cls_token_num;
+        // A prompt of tokens takes exactly its own slots; LlamaGen's conditions are padded to
+        // the model's condition length.
+        let t = match self.cond {
+            CondEmbedding::Tokens => rows,
+            _ => self.cfg.cls_token_num,
+        };
         anyhow::ensure!(rows <= t, "the condition has {rows} rows for {t} slots");
         let hidden = t - rows;
         let slots_total = t + self.grid.0 * self.grid.1;
@@ -393,6 +549,7 @@ impl Gpt {
             opts,
             written: vec![false; slots_total],
             hidden,
+            cond_len: t,
             capture: None,
             captured: None,
         };
@@ -405,7 +562,7 @@ impl Gpt {
     /// One pass of `session` over several inputs at once.
     pub fn step(&self, session: &mut Session, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
         anyhow::ensure!(!inputs.is_empty(), "a pass needs at least one input");
-        let t = self.cfg.cls_token_num;
+        let t = session.cond_len;
         let cells = self.grid.0 * self.grid.1;
         let mut ids = Vec::with_capacity(inputs.len());
         let mut slots = Vec::with_capacity(inputs.len());
@@ -511,12 +668,7 @@ impl Gpt {
             h.reshape((b, k, dim))
         })?;
         if let Some(head_layer) = state.capture {
-            state.captured = Some(pass_attention(
-                &probs,
-                slots,
-                self.cfg.cls_token_num,
-                head_layer,
-            )?);
+            state.captured = Some(pass_attention(&probs, slots, state.cond_len, head_layer)?);
         }
         if want.is_empty() {
             return Ok(PassLogits {

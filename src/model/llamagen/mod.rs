@@ -7,7 +7,7 @@ pub mod manifest;
 pub mod rope2d;
 pub mod vq;
 
-pub use config::{GptConfig, VqConfig, VqStyle};
+pub use config::{Family, GptConfig, VqConfig, VqStyle};
 pub use gpt::{Gpt, Session};
 pub use manifest::Manifest;
 pub use vq::VqDecoder;

@@ -1,0 +1,243 @@
+//! Chameleon, the architecture of Lumina-mGPT, read from a Hugging Face folder (`config.json`
+//! with `"model_type": "chameleon"`, safetensors weights under transformers' names).
+//!
+//! The transformer itself is the GPT of `llamagen::gpt` with [`Family::Chameleon`]: the same
+//! slot-indexed KV cache and multi-input passes, with Chameleon's per-head query / key norms,
+//! 1-D RoPE and a prompt of tokens as the condition. This module reads the configuration and
+//! the image vocabulary: Chameleon's BPE vocabulary holds the 8192 VQGAN codes as tokens named
+//! `IMGIMG<digits as letters A-J>Z`, in an order of their own.
+//!
+//! Not built yet (issue "Lumina-mGPT and Emu3-Gen"): the image layout with end-of-row tokens as
+//! an `ImageArModel`, the prompt template and tokenizer, classifier-free guidance, and the
+//! registry entry. The image decoder is `llamagen::VqDecoder` with `VqStyle::Taming`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::llamagen::{Family, GptConfig};
+
+/// The parts of a Hugging Face `ChameleonConfig` the product reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChameleonConfig {
+    /// Must be `"chameleon"`.
+    pub model_type: String,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// FFN width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key / value heads (grouped-query attention when fewer than the query heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Vocabulary size (text and image tokens).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    /// Longest sequence the model was trained for.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    /// Chameleon-30B's norm placement (after attention and MLP), not supported.
+    #[serde(default)]
+    pub swin_norm: bool,
+    /// Biases on the attention projections (not in the released models).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP (not in the released models).
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Token names to ids, with the image tokens among them.
+    #[serde(default)]
+    pub vocabulary_map: HashMap<String, u32>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f32 {
+    10000.0
+}
+
+impl ChameleonConfig {
+    /// Reads `dir/config.json`.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a Chameleon config: {e}", path.display()))?;
+        anyhow::ensure!(
+            cfg.model_type == "chameleon",
+            "{}: model_type is {:?}, not \"chameleon\"",
+            path.display(),
+            cfg.model_type
+        );
+        Ok(cfg)
+    }
+
+    /// The GPT configuration for prompts of up to `max_prompt` tokens, refusing the variants
+    /// the GPT does not implement.
+    pub fn gpt_config(&self, max_prompt: usize) -> anyhow::Result<GptConfig> {
+        let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        anyhow::ensure!(
+            kv == self.num_attention_heads,
+            "grouped-query attention ({kv} key/value heads for {} query heads) is not supported",
+            self.num_attention_heads
+        );
+        anyhow::ensure!(
+            !self.swin_norm,
+            "Chameleon-30B's swin_norm layers are not supported"
+        );
+        anyhow::ensure!(
+            !self.attention_bias && !self.mlp_bias,
+            "attention or MLP biases are not supported (the released models have none)"
+        );
+        anyhow::ensure!(
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
+            "hidden size {} is not a multiple of the {} heads",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        Ok(GptConfig {
+            dim: self.hidden_size,
+            n_layer: self.num_hidden_layers,
+            n_head: self.num_attention_heads,
+            vocab_size: self.vocab_size,
+            num_classes: 0,
+            cls_token_num: max_prompt,
+            caption_dim: None,
+            ffn_hidden: Some(self.intermediate_size),
+            multiple_of: 1,
+            rope_base: self.rope_theta,
+            norm_eps: self.rms_norm_eps,
+            family: Family::Chameleon,
+        })
+    }
+
+    /// The image vocabulary from `vocabulary_map`.
+    pub fn image_vocabulary(&self) -> anyhow::Result<ImageVocabulary> {
+        ImageVocabulary::from_names(&self.vocabulary_map)
+    }
+}
+
+/// The VQGAN code of an image token's name (`IMGIMG` + the code's decimal digits written as
+/// the letters A-J + one closing letter), as transformers' `ChameleonImageVocabularyMapping`
+/// reads it; `None` for other names.
+pub fn image_code(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("IMGIMG")?;
+    let mut chars = digits.chars();
+    chars.next_back()?;
+    let code: String = chars
+        .map(|c| match c {
+            'A'..='J' => Some(char::from(b'0' + (c as u8 - b'A'))),
+            _ => None,
+        })
+        .collect::<Option<String>>()?;
+    code.parse().ok()
+}
+
+/// VQGAN codes to BPE token ids and back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageVocabulary {
+    /// `to_bpe[code]`: the token id of each code.
+    to_bpe: Vec<u32>,
+    /// The code of each image token id.
+    to_code: HashMap<u32, u32>,
+}
+
+impl ImageVocabulary {
+    /// From token names to ids; the codes must be exactly `0..n`.
+    pub fn from_names(map: &HashMap<String, u32>) -> anyhow::Result<Self> {
+        let mut to_code = HashMap::new();
+        for (name, &id) in map {
+            if let Some(code) = image_code(name) {
+                anyhow::ensure!(
+                    to_code.insert(id, code).is_none(),
+                    "token id {id} has two image names"
+                );
+            }
+        }
+        let n = to_code.len();
+        anyhow::ensure!(n > 0, "the vocabulary map has no image tokens (IMGIMG...)");
+        let mut to_bpe = vec![u32::MAX; n];
+        for (&id, &code) in &to_code {
+            let slot = to_bpe.get_mut(code as usize).ok_or_else(|| {
+                anyhow::anyhow!("image code {code} is out of the range 0..{n} of the image tokens")
+            })?;
+            anyhow::ensure!(*slot == u32::MAX, "image code {code} has two tokens");
+            *slot = id;
+        }
+        Ok(Self { to_bpe, to_code })
+    }
+
+    /// Number of codes.
+    pub fn len(&self) -> usize {
+        self.to_bpe.len()
+    }
+
+    /// Whether there are no codes (never true once built).
+    pub fn is_empty(&self) -> bool {
+        self.to_bpe.is_empty()
+    }
+
+    /// The token id of a code.
+    pub fn bpe(&self, code: u32) -> Option<u32> {
+        self.to_bpe.get(code as usize).copied()
+    }
+
+    /// The code of a token id, if it is an image token.
+    pub fn code(&self, bpe: u32) -> Option<u32> {
+        self.to_code.get(&bpe).copied()
+    }
+
+    /// The logits of the image tokens in code order, from a row over the whole vocabulary
+    /// (what the sampler draws a code from while the image is decoded).
+    pub fn image_logits(&self, row: &[f32]) -> Vec<f32> {
+        self.to_bpe
+            .iter()
+            .map(|&id| row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_token_names_map_to_codes() {
+        assert_eq!(image_code("IMGIMGAZ"), Some(0));
+        assert_eq!(image_code("IMGIMGBJEZ"), Some(194));
+        assert_eq!(image_code("IMGIMGHBJCZ"), Some(7192));
+        assert_eq!(image_code("IMGIMG"), None);
+        assert_eq!(image_code("IMGIMGKZ"), None);
+        assert_eq!(image_code("<racm3:break>"), None);
+        let map: HashMap<String, u32> = [("IMGIMGBZ", 9), ("IMGIMGAZ", 7), ("hello", 3)]
+            .into_iter()
+            .map(|(n, i)| (n.to_string(), i))
+            .collect();
+        let v = ImageVocabulary::from_names(&map).expect("vocabulary");
+        assert_eq!(
+            (v.len(), v.bpe(0), v.bpe(1), v.code(9)),
+            (2, Some(7), Some(9), Some(1))
+        );
+        assert_eq!(v.code(3), None);
+        let row: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        assert_eq!(v.image_logits(&row), vec![7.0, 9.0]);
+        // a gap in the codes is refused
+        let gap: HashMap<String, u32> = [("IMGIMGAZ", 1), ("IMGIMGCZ", 2)]
+            .into_iter()
+            .map(|(n, i)| (n.to_string(), i))
+            .collect();
+        assert!(ImageVocabulary::from_names(&gap).is_err());
+    }
+}
