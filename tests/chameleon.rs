@@ -110,3 +110,89 @@ fn chameleon_image_vocabulary_and_refusals() {
             .contains("2 key/value heads")
     );
 }
+
+/// Lumina-mGPT's image model on the fixture: the Chameleon GPT over 3 rows of 4 image tokens
+/// plus the end-of-row token, the tiny taming VQGAN as its decoder (also 40 codes).
+fn lumina(r: &serde_json::Value) -> zipar_studio::model::chameleon::LuminaMgpt {
+    use std::sync::Arc;
+    use zipar_studio::model::llamagen::{GridDecoder, VqConfig, VqDecoder};
+    let z = &r["zipar"];
+    let grid = u32s(&z["grid"]);
+    let (h, w) = (grid[0] as usize, grid[1] as usize);
+    let prompt = u32s(&z["prompt"]).len();
+    let dir = fixture("tiny_chameleon");
+    let cc = ChameleonConfig::read(&dir).expect("config");
+    let vb = zipar_studio::weights::var_builder(
+        &dir.join("model.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("weights");
+    let gpt = Gpt::load_chameleon(&cc.gpt_config(prompt).expect("gpt config"), h, w + 1, vb)
+        .expect("model");
+    let vq_ref = reference("tiny_vqgan");
+    let vq_cfg: VqConfig = serde_json::from_value(vq_ref["vq"].clone()).expect("vq config");
+    let vb = zipar_studio::weights::var_builder(
+        &fixture("tiny_vqgan").join("vqgan.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("vq weights");
+    let vq = Arc::new(VqDecoder::load(&vq_cfg, vb).expect("vq"));
+    zipar_studio::model::chameleon::LuminaMgpt::new(
+        gpt,
+        cc.image_vocabulary().expect("vocabulary"),
+        z["eol"].as_u64().expect("eol") as u32,
+        Arc::new(GridDecoder { vq, grid: (h, w) }),
+    )
+    .expect("lumina")
+}
+
+#[test]
+fn lumina_zipar_greedy_tokens_match_the_reference() {
+    use zipar_studio::decode::{Flow, GenerateParams, Mode, Sampling, generate};
+    use zipar_studio::model::ImageArModel;
+    let r = reference("tiny_chameleon");
+    let mut model = lumina(&r);
+    let (h, w) = model.grid();
+    let prompt = Condition::Tokens(u32s(&r["zipar"]["prompt"]));
+    let runs = r["zipar"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 4);
+    for run in runs {
+        let s = run["window"].as_u64().expect("window") as usize;
+        // s = w + 1 is next-token prediction: checked through the NTP mode too
+        let modes: &[Mode] = if s == w + 1 {
+            &[Mode::Ntp, Mode::Zipar]
+        } else {
+            &[Mode::Zipar]
+        };
+        for &mode in modes {
+            let params = GenerateParams {
+                mode,
+                window: s,
+                cfg_scale: 1.0,
+                sampling: Sampling::Greedy,
+                seed: 0,
+                mask_unwritten: false,
+            };
+            let trace =
+                generate(&mut model, &prompt, &params, &mut |_| Flow::Continue).expect("runs");
+            assert_eq!(
+                trace.tokens,
+                u32s(&run["codes"]),
+                "codes differ for {params:?}"
+            );
+            assert_eq!(
+                trace.passes as u64,
+                run["passes"].as_u64().expect("passes"),
+                "passes differ for {params:?}"
+            );
+            // ZipAR's pass count on the end-of-row layout: w + (h - 1)(s - 1) image passes
+            if mode == Mode::Zipar {
+                assert_eq!(trace.passes, w + (h - 1) * (s - 1));
+            }
+        }
+    }
+    let img = model.decode_image(&u32s(&runs[1]["codes"])).expect("image");
+    assert_eq!((img.height, img.width), (4 * h, 4 * w));
+}

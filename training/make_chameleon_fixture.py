@@ -68,5 +68,143 @@ def main():
     print("wrote", d, sum(p.numel() for p in model.parameters()), "parameters")
 
 
+
+
+# --- ZipAR on the end-of-row layout (Lumina-mGPT), greedy, CFG 1 ---------------------------
+#
+# The official Lumina-mGPT ZipAR keeps a KV cache of the entries written so far and lets each
+# query see the entries at positions up to its own: the K/V of an entry are those computed when
+# it was fed. `CachedChameleon` does that with the modules of the transformers model (checked
+# against the model's own full forward on plain next-token decoding below).
+
+
+class CachedChameleon:
+    def __init__(self, model):
+        self.m = model.model
+        self.lm_head = model.lm_head
+        self.cache = [dict() for _ in self.m.layers]  # per layer: position -> (k [H, D], v [H, D])
+
+    @torch.no_grad()
+    def feed(self, tokens, positions):
+        """Feeds entries (token ids at global positions) in one pass: every K/V written first,
+        then each query attends to the cached entries at positions <= its own. Returns the
+        logits of each input."""
+        from transformers.models.chameleon.modeling_chameleon import apply_rotary_pos_emb
+
+        x = self.m.embed_tokens(torch.tensor(tokens))
+        k_in = len(tokens)
+        pos = torch.tensor([positions])
+        for layer, cache in zip(self.m.layers, self.cache):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            nh, hd = a.num_heads, a.head_dim
+            q = a.q_norm(a.q_proj(h).reshape(k_in, nh, hd)).transpose(0, 1)[None]
+            k = a.k_norm(a.k_proj(h).reshape(k_in, nh, hd)).transpose(0, 1)[None]
+            v = a.v_proj(h).reshape(k_in, nh, hd).transpose(0, 1)[None]
+            cos, sin = a.rotary_emb(v, pos)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            for i, p in enumerate(positions):
+                cache[p] = (k[0, :, i], v[0, :, i])
+            outs = []
+            for i, p in enumerate(positions):
+                seen = sorted(pp for pp in cache if pp <= p)
+                keys = torch.stack([cache[pp][0] for pp in seen], dim=1)  # [H, n, D]
+                vals = torch.stack([cache[pp][1] for pp in seen], dim=1)
+                att = torch.softmax((q[0, :, i : i + 1] @ keys.transpose(1, 2)) * a.scaling, dim=-1)
+                outs.append((att @ vals).reshape(nh * hd))
+            x = x + a.o_proj(torch.stack(outs))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.m.norm(x))
+
+
+def zipar_end_of_row(h, w, s):
+    """The passes of ZipAR on the end-of-row layout (s = w + 1: next-token prediction): each
+    pass a list of feeds, ("prefill",), ("sep", r) for the separator that opens row r (the
+    end-of-row token of row r - 1), or ("cell", r, c); each feed predicts the next image token
+    of its row. Row r + 1 starts once row r's block holds s entries (its separator and s - 1
+    image tokens). A row's last token is fed with the pass after it is drawn ("last": logits
+    discarded), as the official code's `last_token_in_row_idx`."""
+    n, active, passes, first, done = [0] * h, [0], [], True, None
+    while active:
+        if first:
+            feeds, first = [("prefill",)], False
+        else:
+            # a row completed by the previous pass: its last token, logits discarded
+            feeds = [("last", done, w - 1)] if done is not None else []
+            done = None
+            feeds += [("sep", r) if n[r] == 0 else ("cell", r, n[r] - 1) for r in active]
+        passes.append((feeds, list(active)))
+        for r in list(active):
+            n[r] += 1
+            if n[r] + 1 == s and r + 1 < h:
+                active.append(r + 1)
+            if n[r] == w:
+                active.remove(r)
+                done = r
+    return passes
+
+
+def greedy_zipar(model, prompt, h, w, s, eol, img_bpe):
+    """Greedy tokens (VQ codes, raster order) and pass count of ZipAR-s on an h x w grid."""
+    t = len(prompt)
+    cm = CachedChameleon(model)
+    bpe_to_code = {b: c for c, b in enumerate(img_bpe)}
+    grid = [[None] * w for _ in range(h)]
+    passes = zipar_end_of_row(h, w, s)
+    for feeds, rows in passes:
+        toks, poss = [], []
+        for f in feeds:
+            if f[0] == "prefill":
+                toks += prompt
+                poss += list(range(t))
+            elif f[0] == "sep":
+                toks.append(eol)
+                poss.append(t + f[1] * (w + 1) - 1)
+            else:
+                toks.append(img_bpe[grid[f[1]][f[2]]])
+                poss.append(t + f[1] * (w + 1) + f[2])
+        logits = cm.feed(toks, poss)
+        # the rows that wanted logits: the prefill's last entry, else every feed but a "last"
+        if feeds[0][0] == "prefill":
+            rows_logits = [logits[-1]]
+        else:
+            rows_logits = [row for f, row in zip(feeds, logits) if f[0] != "last"]
+        for r, row in zip(rows, rows_logits):
+            c = next(i for i in range(w) if grid[r][i] is None)
+            grid[r][c] = bpe_to_code[img_bpe[int(row[img_bpe].argmax())]]
+    return [code for row in grid for code in row], len(passes)
+
+
+def write_zipar_reference():
+    d = os.path.join(OUT, "tiny_chameleon")
+    model = ChameleonForConditionalGeneration.from_pretrained(d).eval()
+    vocab = model.config.vocabulary_map
+    img_bpe = [vocab[image_token_name(c)] for c in range(IMAGE_CODES)]
+    eol = vocab["t23"]  # the fixture's end-of-row token
+    prompt = [1, 6, 11, 19, 4]
+    h, w = 3, 4
+    runs = []
+    for s in (w + 1, 2, 3, 4):
+        codes, passes = greedy_zipar(model, prompt, h, w, s, eol, img_bpe)
+        runs.append({"window": s, "codes": codes, "passes": passes})
+    # the cached reference equals the model's own forward on next-token decoding
+    seq = list(prompt)
+    for i, code in enumerate(runs[0]["codes"]):
+        seq.append(img_bpe[code])
+        if i % w == w - 1:
+            seq.append(eol)
+    with torch.no_grad():
+        full = model.lm_head(model.model(input_ids=torch.tensor([seq])).last_hidden_state)[0]
+    cm = CachedChameleon(model)
+    cached = cm.feed(seq, list(range(len(seq))))
+    assert (full - cached).abs().max() < 1e-4, (full - cached).abs().max()
+    ref = json.load(open(os.path.join(d, "reference.json")))
+    ref["zipar"] = {"prompt": prompt, "grid": [h, w], "eol": eol, "runs": runs}
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(ref, f)
+    print("zipar runs:", [(r["window"], r["passes"]) for r in runs])
+
+
 if __name__ == "__main__":
     main()
+    write_zipar_reference()

@@ -402,12 +402,17 @@ fn zipar_raster(h: usize, w: usize, s: usize) -> Vec<Pass> {
 
 /// End-of-row layout: row r+1 starts once row r's block holds `s` entries (its opening
 /// separator counted); the real separator is fed at its true position, so no auxiliary token
-/// and no correction are needed.
+/// is needed. A completed row's last token is fed in the next pass with its logits discarded,
+/// as the official Lumina-mGPT code does (`last_token_in_row_idx`): without it, no later row
+/// would ever see that token.
 fn zipar_end_of_row(h: usize, w: usize, s: usize) -> Vec<Pass> {
     let mut passes = Vec::with_capacity(w + (h - 1) * (s - 1));
     let mut n = vec![0usize; h];
     let mut active: Vec<usize> = Vec::new();
     let mut first = true;
+    // The row completed by the previous pass: its last token is fed in this one, logits
+    // discarded, so that later rows see it (the official code's `last_token_in_row_idx`).
+    let mut completed: Option<usize> = None;
     loop {
         let mut feeds = Vec::new();
         if first {
@@ -415,6 +420,14 @@ fn zipar_end_of_row(h: usize, w: usize, s: usize) -> Vec<Pass> {
             active.push(0);
             first = false;
         } else {
+            if let Some(r) = completed.take() {
+                let last = Cell::new(r, w - 1);
+                feeds.push(Feed {
+                    source: Source::Cell(last),
+                    pos: pos_of(Layout::EndOfRow, w, last),
+                    role: Role::Discard,
+                });
+            }
             for &r in &active {
                 let feed = if n[r] == 0 {
                     Feed {
@@ -442,6 +455,7 @@ fn zipar_end_of_row(h: usize, w: usize, s: usize) -> Vec<Pass> {
             }
             if n[r] == w {
                 active.retain(|&x| x != r);
+                completed = Some(r);
             }
         }
         if active.is_empty() {
@@ -628,6 +642,30 @@ mod tests {
         // Row 2 starts once row 1 holds s - 1 image tokens.
         let pass_of = sch.pass_of();
         assert_eq!(pass_of[2 * w], pass_of[w + s - 2] + 1);
+    }
+
+    #[test]
+    fn end_of_row_feeds_every_completed_rows_last_token() {
+        // Every image token except the grid's very last must be fed once, whatever the window:
+        // a row's last token goes in with the next pass, its logits discarded.
+        for s in 2..=5 {
+            let (h, w) = (3, 4);
+            let sch = Schedule::zipar(h, w, Layout::EndOfRow, s).unwrap();
+            let mut fed = vec![0usize; h * w];
+            for pass in &sch.passes {
+                for f in &pass.feeds {
+                    if let Source::Cell(c) = f.source {
+                        fed[c.row * w + c.col] += 1;
+                        if c.col == w - 1 {
+                            assert_eq!(f.role, Role::Discard, "s = {s}: {c:?}");
+                        }
+                    }
+                }
+            }
+            let mut want = vec![1usize; h * w];
+            want[h * w - 1] = 0;
+            assert_eq!(fed, want, "s = {s}");
+        }
     }
 
     #[test]

@@ -7,16 +7,20 @@
 //! the image vocabulary: Chameleon's BPE vocabulary holds the 8192 VQGAN codes as tokens named
 //! `IMGIMG<digits as letters A-J>Z`, in an order of their own.
 //!
-//! Not built yet (issue "Lumina-mGPT and Emu3-Gen"): the image layout with end-of-row tokens as
-//! an `ImageArModel`, the prompt template and tokenizer, classifier-free guidance, and the
-//! registry entry. The image decoder is `llamagen::VqDecoder` with `VqStyle::Taming`.
+//! [`LuminaMgpt`] drives it as an image model: the end-of-row layout, codes in and out. Not
+//! built yet (issue "Lumina-mGPT and Emu3-Gen"): the prompt template and tokenizer,
+//! classifier-free guidance, and the registry entry that opens a Hugging Face folder. The image
+//! decoder is `llamagen::VqDecoder` with `VqStyle::Taming`.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::llamagen::{Family, GptConfig};
+use super::llamagen::{Family, Gpt, GptConfig, Session};
+use super::{Condition, ImageArModel, ImageDecoder, ModelInput, PassLogits, RunOptions};
+use crate::decode::schedule::Layout;
 
 /// The parts of a Hugging Face `ChameleonConfig` the product reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -206,6 +210,136 @@ impl ImageVocabulary {
             .iter()
             .map(|&id| row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY))
             .collect()
+    }
+}
+
+/// Lumina-mGPT's image generation as an [`ImageArModel`]: a Chameleon GPT conditioned on a
+/// prompt of tokens (ending with the image prefix, so that the prefill predicts the first image
+/// token), an `h x w` grid whose rows each end with an end-of-row token, and the image tokens
+/// exposed as VQGAN codes (the model maps them to and from its BPE ids, and returns the logits of
+/// the image tokens only, in code order, as Lumina-mGPT samples only image tokens inside the
+/// image).
+///
+/// Unwritten positions are always hidden: the official Lumina-mGPT ZipAR keeps a compact cache
+/// of the entries written so far, so a query sees exactly the written entries at positions up
+/// to its own (tests/chameleon.rs checks greedy tokens against that reference).
+pub struct LuminaMgpt {
+    gpt: Gpt,
+    session: Option<Session>,
+    vocab: ImageVocabulary,
+    eol: u32,
+    grid: (usize, usize),
+    decoder: Arc<dyn ImageDecoder>,
+}
+
+impl LuminaMgpt {
+    /// From a Chameleon GPT loaded for `h` rows of `w + 1` positions (image tokens and the
+    /// end-of-row token), its image vocabulary, the end-of-row token id and the image decoder.
+    pub fn new(
+        gpt: Gpt,
+        vocab: ImageVocabulary,
+        eol: u32,
+        decoder: Arc<dyn ImageDecoder>,
+    ) -> anyhow::Result<Self> {
+        let (h, w1) = gpt.grid();
+        anyhow::ensure!(
+            w1 >= 2,
+            "the GPT must be loaded for rows of w + 1 positions"
+        );
+        let grid = (h, w1 - 1);
+        anyhow::ensure!(
+            decoder.grid() == grid,
+            "the image decoder is for a {:?} grid, the model for {grid:?}",
+            decoder.grid()
+        );
+        anyhow::ensure!(
+            decoder.codebook_size() == vocab.len(),
+            "the image decoder has {} codes, the model's vocabulary {} image tokens",
+            decoder.codebook_size(),
+            vocab.len()
+        );
+        anyhow::ensure!(
+            vocab.code(eol).is_none(),
+            "the end-of-row token {eol} is an image token"
+        );
+        Ok(Self {
+            gpt,
+            session: None,
+            vocab,
+            eol,
+            grid,
+            decoder,
+        })
+    }
+
+    fn image_logits(&self, out: PassLogits) -> PassLogits {
+        let map = |rows: Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            rows.iter().map(|r| self.vocab.image_logits(r)).collect()
+        };
+        PassLogits {
+            cond: map(out.cond),
+            uncond: out.uncond.map(map),
+        }
+    }
+}
+
+impl ImageArModel for LuminaMgpt {
+    fn grid(&self) -> (usize, usize) {
+        self.grid
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::EndOfRow
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    fn separator_token(&self) -> Option<u32> {
+        // One past the codes: mapped to the end-of-row token id when fed.
+        Some(self.vocab.len() as u32)
+    }
+
+    fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits> {
+        self.session = None;
+        let opts = RunOptions {
+            mask_unwritten: true,
+            ..opts
+        };
+        let (session, out) = self.gpt.start(cond, opts, None)?;
+        self.session = Some(session);
+        Ok(self.image_logits(out))
+    }
+
+    fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
+        let sep = self.vocab.len() as u32;
+        let inputs = inputs
+            .iter()
+            .map(|i| {
+                let token = if i.token == sep {
+                    self.eol
+                } else {
+                    self.vocab.bpe(i.token).ok_or_else(|| {
+                        anyhow::anyhow!("code {} is outside the {} image codes", i.token, sep)
+                    })?
+                };
+                Ok(ModelInput { token, ..*i })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let Some(session) = self.session.as_mut() else {
+            anyhow::bail!("step called before prefill");
+        };
+        let out = self.gpt.step(session, &inputs)?;
+        Ok(self.image_logits(out))
+    }
+
+    fn wide_passes_are_cheap(&self) -> bool {
+        !self.gpt.device().is_cpu()
+    }
+
+    fn image_decoder(&self) -> Arc<dyn ImageDecoder> {
+        self.decoder.clone()
     }
 }
 

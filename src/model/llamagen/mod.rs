@@ -252,9 +252,11 @@ impl ImageArModel for LlamaGen {
 }
 
 /// The VQ decoder bound to a grid size.
-struct GridDecoder {
-    vq: Arc<VqDecoder>,
-    grid: (usize, usize),
+pub struct GridDecoder {
+    /// The decoder.
+    pub vq: Arc<VqDecoder>,
+    /// The token grid (rows, columns).
+    pub grid: (usize, usize),
 }
 
 impl ImageDecoder for GridDecoder {
