@@ -196,3 +196,64 @@ fn lumina_zipar_greedy_tokens_match_the_reference() {
     let img = model.decode_image(&u32s(&runs[1]["codes"])).expect("image");
     assert_eq!((img.height, img.width), (4 * h, 4 * w));
 }
+
+#[test]
+fn lumina_checkpoints_share_one_query_key_norm_row_across_heads() {
+    // Lumina-mGPT's own checkpoints store each query/key norm as [1, head_dim] (one row per
+    // model-parallel shard, shared by its heads); Hugging Face's conversion as [heads, head_dim].
+    // The same weights in both shapes must give the same logits; a wrong shape is refused.
+    use candle_core::Tensor;
+    use std::collections::HashMap;
+    let dir = fixture("tiny_chameleon");
+    let cfg = ChameleonConfig::read(&dir)
+        .and_then(|c| c.gpt_config(4))
+        .expect("config");
+    let tensors = zipar_studio::weights::read_tensors_where(
+        &dir.join("model.safetensors"),
+        None,
+        &mut |_| {},
+    )
+    .expect("tensors");
+    let heads = cfg.n_head;
+    let (mut shared, mut per_head): (HashMap<String, Tensor>, HashMap<String, Tensor>) =
+        (HashMap::new(), HashMap::new());
+    for (name, t) in tensors {
+        if name.contains("_norm.") && name.contains("self_attn") {
+            let row = t.narrow(0, 0, 1).expect("row");
+            let rows = row
+                .broadcast_as((heads, t.dim(1).expect("dim")))
+                .and_then(|r| r.contiguous())
+                .expect("rows");
+            shared.insert(name.clone(), row);
+            per_head.insert(name, rows);
+        } else {
+            shared.insert(name.clone(), t.clone());
+            per_head.insert(name, t);
+        }
+    }
+    let logits = |m: HashMap<String, Tensor>| {
+        let vb = candle_nn::VarBuilder::from_tensors(m, DType::F32, &Device::Cpu);
+        let gpt = Gpt::load_chameleon(&cfg, 1, 4, vb).expect("model");
+        let (_, out) = gpt
+            .start(
+                &Condition::Tokens(vec![1, 5, 9, 17]),
+                RunOptions::default(),
+                None,
+            )
+            .expect("prefill");
+        out.cond[0].clone()
+    };
+    let d = max_abs_diff(&logits(shared.clone()), &logits(per_head));
+    assert!(d < 1e-6, "shared and per-head norms differ by {d}");
+    let mut bad = shared;
+    let name = "model.layers.0.self_attn.q_norm.weight".to_string();
+    bad.insert(
+        name,
+        Tensor::ones((3, 12), DType::F32, &Device::Cpu).expect("t"),
+    );
+    let vb = candle_nn::VarBuilder::from_tensors(bad, DType::F32, &Device::Cpu);
+    let err = Gpt::load_chameleon(&cfg, 1, 4, vb)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("[3, 12]"), "{err}");
+}

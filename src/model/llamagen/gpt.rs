@@ -36,10 +36,25 @@ struct HeadNorm {
 impl HeadNorm {
     const EPS: f64 = 1e-5;
 
+    /// Reads `weight` and `bias` as `[n_head, head_dim]` (Hugging Face's conversion) or as
+    /// `[m, head_dim]` with one row per model-parallel shard shared by that shard's
+    /// `n_head / m` heads (Lumina-mGPT's own checkpoints: `[1, head_dim]`).
     fn load(n_head: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let read = |name: &str| -> Result<Tensor> {
+            let t = vb.get_unchecked(name)?;
+            let (m, d) = t.dims2()?;
+            if d != head_dim || m == 0 || !n_head.is_multiple_of(m) {
+                candle_core::bail!(
+                    "{name} of a query/key norm is [{m}, {d}]: expected [{n_head}, {head_dim}] or one row per shard of heads"
+                );
+            }
+            t.unsqueeze(1)?
+                .broadcast_as((m, n_head / m, d))?
+                .reshape((n_head, d))
+        };
         Ok(Self {
-            weight: vb.get((n_head, head_dim), "weight")?,
-            bias: vb.get((n_head, head_dim), "bias")?,
+            weight: read("weight")?,
+            bias: read("bias")?,
         })
     }
 
