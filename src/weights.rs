@@ -70,6 +70,9 @@ pub enum ModelKind {
     LlamagenC2i,
     /// LlamaGen, text-conditional (caption embeddings as input).
     LlamagenT2i,
+    /// Lumina-mGPT (Chameleon), a Hugging Face folder: its `config.json` has no `kind`, but
+    /// `"model_type": "chameleon"`.
+    LuminaMgpt,
 }
 
 /// What every model folder's `config.json` says first: its architecture and name. The
@@ -100,7 +103,14 @@ pub fn read_header(dir: &Path) -> Result<ModelHeader, WeightsError> {
         msg,
     };
     let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if value.get("kind").is_none() && value.get("model_type") == Some(&"chameleon".into()) {
+        return Ok(ModelHeader {
+            kind: ModelKind::LuminaMgpt,
+            name: None,
+        });
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }
 
 /// 1234567 -> "1.2 MB".

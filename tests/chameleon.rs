@@ -257,3 +257,66 @@ fn lumina_checkpoints_share_one_query_key_norm_row_across_heads() {
         .to_string();
     assert!(err.contains("[3, 12]"), "{err}");
 }
+
+#[test]
+fn a_lumina_folder_generates_from_a_text_prompt_through_the_cli() {
+    // The Hugging Face folder as the registry opens it (config.json with model_type chameleon,
+    // tokenizer.json, vqgan.safetensors, zipar.json): the prompt goes through Lumina-mGPT's
+    // template and the tokenizer, ZipAR-3 decodes the 4 x 4 grid, the VQGAN draws it. Codes
+    // and passes equal the Python reference's for the same template.
+    let r = reference("tiny_chameleon");
+    let t = &r["text"];
+    let dir = tempfile_dir("lumina-cli");
+    let (trace, png) = (dir.join("trace.json"), dir.join("out.png"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
+        .args(["generate", "--model"])
+        .arg(fixture("tiny_chameleon"))
+        .args(["--prompt", t["prompt"].as_str().expect("prompt")])
+        .args(["--mode", "zipar", "--window", "3", "--greedy", "--quiet"])
+        .arg("--trace")
+        .arg(&trace)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tr: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
+    assert_eq!(u32s(&tr["tokens"]), u32s(&t["codes"]));
+    assert_eq!(tr["passes"], t["passes"]);
+    let img = image::open(&png).expect("png");
+    assert_eq!((img.width(), img.height()), (16, 16));
+    // the registry's card: a caption model on a 4 x 4 grid with Lumina-mGPT's defaults
+    let loaded = zipar_studio::model::registry::open(&fixture("tiny_chameleon"), &Device::Cpu)
+        .expect("open");
+    assert_eq!(loaded.card.grid, (4, 4));
+    assert_eq!(
+        loaded.card.conditioning,
+        zipar_studio::model::registry::Conditioning::Caption
+    );
+    assert_eq!(loaded.card.defaults.window, Some(16));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_lumina_folder_without_its_decoder_is_named() {
+    let dir = tempfile_dir("lumina-missing");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny_chameleon").join(f), dir.join(f)).expect("copy");
+    }
+    let err = zipar_studio::model::registry::open(&dir, &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("vqgan.safetensors"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("zipar-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

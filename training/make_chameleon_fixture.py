@@ -20,6 +20,13 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from make_fixtures import OUT, rounded
 
 IMAGE_CODES = 40  # VQ codes 0..39 as BPE ids 24..63
+# Lumina-mGPT's special tokens (data/item_processor.py, data/convertsation.py): image start,
+# image end, end of a conversation turn, end of row, and the grid-size tokens
+# <reserved{8800 + n}> for n 32-pixel patches.
+SPECIAL = ["<racm3:break>", "<eoss>", "<reserved08706>", "<reserved08799>", "<reserved08801>",
+           "<reserved08802>"]
+WORDS = ["Generate", "an", "image", "of", "according", "to", "the", "following", "prompt", "a",
+         "red", "apple", "cat", "64x64"]
 
 
 def image_token_name(code: int) -> str:
@@ -30,8 +37,9 @@ def image_token_name(code: int) -> str:
 def main():
     torch.manual_seed(0)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": 3}
-    for i in range(4, 24):
-        vocab[f"t{i}"] = i
+    for i, name in enumerate(SPECIAL + WORDS, start=4):
+        vocab[name] = i
+    assert len(vocab) == 24
     # shuffled, as in the real vocabulary: the BPE order is not the code order
     order = torch.randperm(IMAGE_CODES, generator=torch.Generator().manual_seed(7)).tolist()
     for bpe, code in enumerate(order, start=24):
@@ -175,12 +183,36 @@ def greedy_zipar(model, prompt, h, w, s, eol, img_bpe):
     return [code for row in grid for code in row], len(passes)
 
 
+def write_tokenizer(d, vocab):
+    """A word-level tokenizer over the fixture's vocabulary, with the special tokens matched
+    whole and a BOS added in front, as Chameleon's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = {k: v for k, v in vocab.items() if not k.startswith("IMGIMG")}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"] + SPECIAL)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(os.path.join(d, "tokenizer.json"))
+    return tok
+
+
+def lumina_prompt(tok, vocab, prompt, h, w, size):
+    """Lumina-mGPT's generation prompt (generate_examples/generate.py, data/item_processor.py):
+    the request as one conversation turn ending with <reserved08706>, then the image start and
+    the grid-size tokens (<reserved{8800 + n}>, n = pixels / 32)."""
+    text = f"Generate an image of {size}x{size} according to the following prompt:\n{prompt}<reserved08706>"
+    ids = tok.encode(text).ids
+    return ids + [vocab["<racm3:break>"], vocab[f"<reserved{8800 + h // 2:05d}>"],
+                  vocab[f"<reserved{8800 + w // 2:05d}>"]]
+
+
 def write_zipar_reference():
     d = os.path.join(OUT, "tiny_chameleon")
     model = ChameleonForConditionalGeneration.from_pretrained(d).eval()
     vocab = model.config.vocabulary_map
     img_bpe = [vocab[image_token_name(c)] for c in range(IMAGE_CODES)]
-    eol = vocab["t23"]  # the fixture's end-of-row token
+    eol = vocab["<reserved08799>"]
     prompt = [1, 6, 11, 19, 4]
     h, w = 3, 4
     runs = []
@@ -198,8 +230,23 @@ def write_zipar_reference():
     cm = CachedChameleon(model)
     cached = cm.feed(seq, list(range(len(seq))))
     assert (full - cached).abs().max() < 1e-4, (full - cached).abs().max()
+    # The folder as the app opens it: the tokenizer, the image decoder (the taming VQGAN fixture,
+    # also 40 codes, 4x up-sampling) and zipar.json (image size and decoder configuration).
+    import shutil
+
+    tok = write_tokenizer(d, vocab)
+    shutil.copy(os.path.join(OUT, "tiny_vqgan", "vqgan.safetensors"), os.path.join(d, "vqgan.safetensors"))
+    vq = json.load(open(os.path.join(OUT, "tiny_vqgan", "reference.json")))["vq"]
+    size, lh, lw = 64, 4, 4  # the fixture's "pixels" for the template; a 4 x 4 code grid
+    with open(os.path.join(d, "zipar.json"), "w") as f:
+        json.dump({"image_size": size, "grid": [lh, lw], "vq": vq}, f, indent=1)
+    text_prompt = "a red apple"
+    ids = lumina_prompt(tok, vocab, text_prompt, lh, lw, size)
+    text_codes, text_passes = greedy_zipar(model, ids, lh, lw, 3, eol, img_bpe)
     ref = json.load(open(os.path.join(d, "reference.json")))
     ref["zipar"] = {"prompt": prompt, "grid": [h, w], "eol": eol, "runs": runs}
+    ref["text"] = {"prompt": text_prompt, "ids": ids, "grid": [lh, lw], "window": 3,
+                   "codes": text_codes, "passes": text_passes}
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump(ref, f)
     print("zipar runs:", [(r["window"], r["passes"]) for r in runs])

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use super::llamagen::{Family, Gpt, GptConfig, Session};
 use super::{Condition, ImageArModel, ImageDecoder, ModelInput, PassLogits, RunOptions};
 use crate::decode::schedule::Layout;
+use crate::weights::WeightsError;
 
 /// The parts of a Hugging Face `ChameleonConfig` the product reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -230,6 +231,8 @@ pub struct LuminaMgpt {
     eol: u32,
     grid: (usize, usize),
     decoder: Arc<dyn ImageDecoder>,
+    /// Turns a text prompt into tokens (a model opened from a folder has one).
+    template: Option<PromptTemplate>,
 }
 
 impl LuminaMgpt {
@@ -269,6 +272,7 @@ impl LuminaMgpt {
             eol,
             grid,
             decoder,
+            template: None,
         })
     }
 
@@ -307,6 +311,17 @@ impl ImageArModel for LuminaMgpt {
             mask_unwritten: true,
             ..opts
         };
+        let encoded;
+        let cond = match (cond, &self.template) {
+            (Condition::Text(prompt), Some(t)) => {
+                encoded = Condition::Tokens(t.encode(prompt)?);
+                &encoded
+            }
+            (Condition::Text(_), None) => {
+                anyhow::bail!("this model has no tokenizer to encode the prompt with")
+            }
+            _ => cond,
+        };
         let (session, out) = self.gpt.start(cond, opts, None)?;
         self.session = Some(session);
         Ok(self.image_logits(out))
@@ -340,6 +355,262 @@ impl ImageArModel for LuminaMgpt {
 
     fn image_decoder(&self) -> Arc<dyn ImageDecoder> {
         self.decoder.clone()
+    }
+}
+
+/// The longest prompt (template included) a Lumina-mGPT run takes, in tokens.
+pub const MAX_PROMPT: usize = 512;
+
+/// Lumina-mGPT's recommended settings as its ZipAR code runs them (window 16, image top-k
+/// 2000), with CFG 1 until classifier-free guidance is implemented for it.
+pub const LUMINA_DEFAULTS: crate::weights::SamplingDefaults = crate::weights::SamplingDefaults {
+    cfg: Some(1.0),
+    temperature: Some(1.0),
+    top_k: Some(2000),
+    top_p: None,
+    window: Some(16),
+    mask_unwritten: None,
+};
+
+/// What loading a Lumina-mGPT folder reads and roughly takes in memory (from the safetensors
+/// headers; the VQ encoder's weights are not counted, they are not read).
+pub fn load_summary(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> Result<super::llamagen::LoadSummary, WeightsError> {
+    use crate::weights::{count_elements_where, human_bytes, weight_bytes};
+    let files = LuminaFiles::find(dir)?;
+    let keep = |name: &str| !name.starts_with("model.vqmodel.");
+    let params = count_elements_where(&files.weights, &keep)?;
+    let dtype = super::llamagen::gpt_dtype(device);
+    let (w, v) = (weight_bytes(&files.weights), weight_bytes(&files.vqgan));
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    Ok(super::llamagen::LoadSummary {
+        weight_bytes: w + v,
+        text: format!(
+            "{} {} + {} {}: Chameleon {:.1}M parameters, about {} as {:?} on {}",
+            name(&files.weights),
+            human_bytes(w as f64),
+            name(&files.vqgan),
+            human_bytes(v as f64),
+            params as f64 / 1e6,
+            human_bytes(params as f64 * dtype.size_in_bytes() as f64),
+            dtype,
+            if device.is_cpu() { "cpu" } else { "gpu" },
+        ),
+    })
+}
+
+/// `zipar.json`, optional, next to a Lumina-mGPT folder's Hugging Face files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LuminaSettings {
+    /// Image side in pixels, as the prompt template states it (768 for Lumina-mGPT-7B-768).
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Code grid (rows, columns); `image_size / 16` square when absent.
+    #[serde(default)]
+    pub grid: Option<(usize, usize)>,
+    /// The image decoder; Chameleon's VQGAN when absent.
+    #[serde(default)]
+    pub vq: Option<super::llamagen::VqConfig>,
+}
+
+fn default_image_size() -> usize {
+    768
+}
+
+impl Default for LuminaSettings {
+    fn default() -> Self {
+        Self {
+            image_size: default_image_size(),
+            grid: None,
+            vq: None,
+        }
+    }
+}
+
+/// The files of a Lumina-mGPT folder: the transformer's weights (one file or shards), the
+/// VQGAN decoder (`vqgan.safetensors`, taming-transformers' key names), the tokenizer.
+#[derive(Debug, Clone)]
+pub struct LuminaFiles {
+    /// `model.safetensors` or `model.safetensors.index.json`.
+    pub weights: std::path::PathBuf,
+    /// `vqgan.safetensors`.
+    pub vqgan: std::path::PathBuf,
+    /// `tokenizer.json`.
+    pub tokenizer: std::path::PathBuf,
+}
+
+impl LuminaFiles {
+    /// Finds them in `dir`, naming the first one missing.
+    pub fn find(dir: &Path) -> Result<Self, WeightsError> {
+        let one = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let weights = if one.is_file() { one } else { index };
+        let files = Self {
+            weights,
+            vqgan: dir.join("vqgan.safetensors"),
+            tokenizer: dir.join("tokenizer.json"),
+        };
+        for f in [&files.weights, &files.vqgan, &files.tokenizer] {
+            if !f.is_file() {
+                return Err(WeightsError::MissingFile(f.clone()));
+            }
+        }
+        Ok(files)
+    }
+
+    /// Every file a load reads, shards one by one.
+    pub fn all(&self) -> Result<Vec<std::path::PathBuf>, WeightsError> {
+        let mut out = match crate::weights::shard_files(&self.weights)? {
+            Some(shards) => shards,
+            None => vec![self.weights.clone()],
+        };
+        out.push(self.vqgan.clone());
+        Ok(out)
+    }
+}
+
+/// The text-to-image prompt of Lumina-mGPT (its `generate_examples/generate.py` and
+/// `data/item_processor.py`): the request as one conversation turn ending with
+/// `<reserved08706>`, encoded with the tokenizer's own special-token rules (a BOS first for
+/// Chameleon's), then the image start `<racm3:break>` and the grid-size tokens
+/// `<reserved{8800 + n}>` with `n` 32-pixel patches per side, so that the prefill predicts the
+/// first image token.
+pub struct PromptTemplate {
+    tokenizer: tokenizers::Tokenizer,
+    image_size: usize,
+    image_start: u32,
+    grid_tokens: (u32, u32),
+}
+
+impl PromptTemplate {
+    fn new(
+        tokenizer: tokenizers::Tokenizer,
+        vocab: &HashMap<String, u32>,
+        image_size: usize,
+        grid: (usize, usize),
+    ) -> anyhow::Result<Self> {
+        let id = |name: &str| {
+            vocab
+                .get(name)
+                .copied()
+                .ok_or_else(|| anyhow::anyhow!("the vocabulary has no {name} token"))
+        };
+        anyhow::ensure!(
+            grid.0.is_multiple_of(2) && grid.1.is_multiple_of(2),
+            "a {}x{} code grid is not a whole number of 32-pixel patches",
+            grid.0,
+            grid.1
+        );
+        let size = |n: usize| id(&format!("<reserved{:05}>", 8800 + n / 2));
+        Ok(Self {
+            tokenizer,
+            image_size,
+            image_start: id("<racm3:break>")?,
+            grid_tokens: (size(grid.0)?, size(grid.1)?),
+        })
+    }
+
+    /// The token ids of a run for `prompt`.
+    pub fn encode(&self, prompt: &str) -> anyhow::Result<Vec<u32>> {
+        let n = self.image_size;
+        let text = format!(
+            "Generate an image of {n}x{n} according to the following prompt:\n{prompt}<reserved08706>"
+        );
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        ids.extend([self.image_start, self.grid_tokens.0, self.grid_tokens.1]);
+        Ok(ids)
+    }
+}
+
+impl LuminaMgpt {
+    /// Loads a Lumina-mGPT folder onto `device`: Hugging Face's `config.json`, weights and
+    /// `tokenizer.json`, the VQGAN as `vqgan.safetensors`, and the optional `zipar.json`
+    /// ([`LuminaSettings`]). The VQ encoder's weights in the checkpoint are not read.
+    pub fn load_with(
+        dir: &Path,
+        device: &candle_core::Device,
+        on_file: crate::weights::OnFile,
+    ) -> Result<Self, WeightsError> {
+        use crate::weights::{mismatch, var_builder_where};
+        let bad = |path: &Path, msg: String| WeightsError::BadManifest {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let cfg_path = dir.join("config.json");
+        let cfg = ChameleonConfig::read(dir).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+        let settings_path = dir.join("zipar.json");
+        let settings: LuminaSettings = if settings_path.is_file() {
+            let text = std::fs::read_to_string(&settings_path)
+                .map_err(|e| bad(&settings_path, e.to_string()))?;
+            serde_json::from_str(&text).map_err(|e| bad(&settings_path, e.to_string()))?
+        } else {
+            LuminaSettings::default()
+        };
+        let grid = settings
+            .grid
+            .unwrap_or((settings.image_size / 16, settings.image_size / 16));
+        if grid.0 == 0 || grid.1 == 0 {
+            return Err(bad(&settings_path, format!("empty code grid {grid:?}")));
+        }
+        let files = LuminaFiles::find(dir)?;
+        let gpt_cfg = cfg
+            .gpt_config(MAX_PROMPT)
+            .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+        let dtype = super::llamagen::gpt_dtype(device);
+        let keep = |name: &str| !name.starts_with("model.vqmodel.");
+        let vb = var_builder_where(&files.weights, Some(&keep), dtype, device, on_file)?;
+        let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, vb)
+            .map_err(|e| mismatch(&files.weights, e))?;
+        let vq_cfg = settings
+            .vq
+            .clone()
+            .unwrap_or_else(super::llamagen::VqConfig::chameleon_vqgan);
+        let vb = var_builder_where(
+            &files.vqgan,
+            Some(&|name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.")),
+            candle_core::DType::F32,
+            device,
+            on_file,
+        )?;
+        let vq =
+            super::llamagen::VqDecoder::load(&vq_cfg, vb).map_err(|e| mismatch(&files.vqgan, e))?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| {
+            WeightsError::Corrupt {
+                path: files.tokenizer.clone(),
+                msg: format!("not a tokenizer: {e}"),
+            }
+        })?;
+        let template =
+            PromptTemplate::new(tokenizer, &cfg.vocabulary_map, settings.image_size, grid)
+                .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+        let vocab = cfg
+            .image_vocabulary()
+            .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+        let eol = *cfg.vocabulary_map.get("<reserved08799>").ok_or_else(|| {
+            bad(
+                &cfg_path,
+                "the vocabulary has no end-of-row token <reserved08799>".into(),
+            )
+        })?;
+        let decoder = Arc::new(super::llamagen::GridDecoder {
+            vq: Arc::new(vq),
+            grid,
+        });
+        let mut model =
+            Self::new(gpt, vocab, eol, decoder).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+        model.template = Some(template);
+        Ok(model)
     }
 }
 

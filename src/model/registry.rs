@@ -62,6 +62,7 @@ impl std::fmt::Debug for LoadedModel {
 pub fn summary(dir: &Path, device: &Device) -> Result<llamagen::LoadSummary, WeightsError> {
     match read_header(dir)?.kind {
         ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => llamagen::load_summary(dir, device),
+        ModelKind::LuminaMgpt => super::chameleon::load_summary(dir, device),
     }
 }
 
@@ -91,28 +92,50 @@ pub fn open_with_progress(
     device: &Device,
     progress: &mut dyn FnMut(&LoadProgress),
 ) -> Result<LoadedModel, WeightsError> {
-    match read_header(dir)?.kind {
-        ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => {
-            let files = llamagen::weight_files(dir)?;
-            let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-            let total: u64 = files.iter().map(|p| size(p)).sum();
-            let (mut index, mut done) = (0, 0u64);
-            let mut on_file = |p: &Path| {
-                let file = p
-                    .strip_prefix(dir)
-                    .unwrap_or(p)
-                    .to_string_lossy()
-                    .into_owned();
-                progress(&LoadProgress {
-                    file,
-                    index,
-                    files: files.len(),
-                    done,
-                    total,
-                });
-                index += 1;
-                done += size(p);
+    let kind = read_header(dir)?.kind;
+    let files = match kind {
+        ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => llamagen::weight_files(dir)?,
+        ModelKind::LuminaMgpt => super::chameleon::LuminaFiles::find(dir)?.all()?,
+    };
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let total: u64 = files.iter().map(|p| size(p)).sum();
+    let (mut index, mut done) = (0, 0u64);
+    let mut on_file = |p: &Path| {
+        let file = p
+            .strip_prefix(dir)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned();
+        progress(&LoadProgress {
+            file,
+            index,
+            files: files.len(),
+            done,
+            total,
+        });
+        index += 1;
+        done += size(p);
+    };
+    match kind {
+        ModelKind::LuminaMgpt => {
+            let model = super::chameleon::LuminaMgpt::load_with(dir, device, &mut on_file)?;
+            let card = ModelCard {
+                name: folder_name(dir),
+                dir: dir.to_path_buf(),
+                kind,
+                grid: model.grid(),
+                conditioning: Conditioning::Caption,
+                num_classes: 0,
+                classes: None,
+                classifier: None,
+                defaults: super::chameleon::LUMINA_DEFAULTS,
             };
+            Ok(LoadedModel {
+                model: Box::new(model),
+                card,
+            })
+        }
+        ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => {
             let model = LlamaGen::load_with(dir, device, &mut on_file)?;
             let card = card(dir, &model.manifest);
             Ok(LoadedModel {
@@ -123,19 +146,21 @@ pub fn open_with_progress(
     }
 }
 
+fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
 fn card(dir: &Path, m: &Manifest) -> ModelCard {
     ModelCard {
-        name: m.name.clone().unwrap_or_else(|| {
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        }),
+        name: m.name.clone().unwrap_or_else(|| folder_name(dir)),
         dir: dir.to_path_buf(),
         kind: m.kind,
         grid: (m.grid_h, m.grid_w),
         conditioning: match m.kind {
             ModelKind::LlamagenC2i => Conditioning::Class,
-            ModelKind::LlamagenT2i => Conditioning::Caption,
+            ModelKind::LlamagenT2i | ModelKind::LuminaMgpt => Conditioning::Caption,
         },
         num_classes: m.gpt.num_classes,
         classes: m.classes.as_ref().map(|f| dir.join(f)),
