@@ -79,6 +79,8 @@ pub struct ModelInfo {
     pub grid: (usize, usize),
     /// Valid ZipAR windows.
     pub windows: std::ops::RangeInclusive<usize>,
+    /// How image tokens are laid out (rows ending with an end-of-row token or not).
+    pub layout: crate::decode::schedule::Layout,
     /// Class names, for class-conditional models that ship them.
     pub classes: Option<Arc<ClassIndex>>,
     /// Number of classes (0 for text-conditional models).
@@ -364,6 +366,7 @@ impl Worker {
             dir,
             grid,
             windows: crate::decode::schedule::window_range(model.layout(), grid.1),
+            layout: model.layout(),
             classes,
             num_classes: card.num_classes,
             conditioning: card.conditioning,

@@ -571,3 +571,46 @@ fn a_text_to_image_model_takes_a_free_text_caption() {
     let (msg, is_err) = h.state().status.clone().expect("status");
     assert!(is_err && msg.contains("type a caption"), "{msg}");
 }
+
+#[test]
+fn a_lumina_folder_decodes_with_its_end_of_row_column() {
+    // Lumina-mGPT's folder layout (tests/fixtures/tiny_chameleon): open it, type a prompt,
+    // generate with ZipAR-3; the pass map gets a column for the end-of-row tokens.
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut h = harness(settings(out.path()));
+    step_until(&mut h, "the model", model_ready);
+    let dir = fixture("tiny_chameleon");
+    h.state_mut().settings.model_dir = Some(dir.clone());
+    h.state_mut()
+        .load_model(zipar_studio::worker::ModelSource::Dir(dir));
+    step_until(&mut h, "the Lumina model", model_ready);
+    h.get_by_label("Caption").click();
+    h.step();
+    h.get_by_label("Caption").type_text("a red apple");
+    h.step();
+    assert!(
+        h.query_by_label_contains("Lumina-mGPT's template")
+            .is_some()
+    );
+    h.state_mut().settings.mode = Mode::Zipar;
+    h.state_mut().settings.window = 3;
+    h.state_mut().settings.greedy = true;
+    h.key_press(egui::Key::Enter);
+    step_until(&mut h, "the run", finished);
+    let run = h.state().runs().next().cloned().expect("a run");
+    assert_eq!(run.status, RunStatus::Done, "{:?}", h.state().status);
+    // w + (h - 1)(s - 1) = 4 + 3 * 2 passes on the 4 x 4 grid
+    assert_eq!(run.passes_done(), 10);
+    assert!(run.end_of_row);
+    // rows 0..2 end with a token fed with the next row's first; the last row's is never fed
+    let fed: Vec<Option<usize>> = (0..4).map(|r| run.end_of_row_pass(r)).collect();
+    assert!(
+        fed[..3].iter().all(Option::is_some) && fed[3].is_none(),
+        "{fed:?}"
+    );
+    h.step();
+    assert!(
+        h.query_by_label("ZipAR s=3 grid with an end-of-row column")
+            .is_some()
+    );
+}

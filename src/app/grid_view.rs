@@ -31,6 +31,14 @@ fn shade(c: [u8; 3], f: f32) -> [u8; 3] {
     c.map(|v| (v as f32 * f).round() as u8)
 }
 
+/// The pass map's colour of `pass`. Alternate passes darker: the cells a pass produced
+/// together read as one stripe, so the diagonal front of ZipAR stays visible in a still picture.
+fn pass_color(run: &RunView, pass: usize) -> [u8; 3] {
+    let max_pass = run.passes().saturating_sub(1).max(1) as f32;
+    let c = colormap::viridis(pass as f32 / max_pass);
+    if pass % 2 == 1 { shade(c, 0.72) } else { c }
+}
+
 /// The colour of cell `i` in `mode` (`None`: the view shows no colour there).
 fn cell_color(
     run: &RunView,
@@ -40,13 +48,7 @@ fn cell_color(
 ) -> Option<Color32> {
     let w = run.grid.1;
     let pass = run.pass_of.get(i).copied().flatten()?;
-    let max_pass = run.passes().saturating_sub(1).max(1) as f32;
-    // Alternate passes darker: the cells a pass produced together read as one stripe, so the
-    // diagonal front of ZipAR stays visible in a still picture.
-    let banded = || {
-        let c = colormap::viridis(pass as f32 / max_pass);
-        if pass % 2 == 1 { shade(c, 0.72) } else { c }
-    };
+    let banded = || pass_color(run, pass);
     Some(match mode {
         ViewMode::Image => return None,
         ViewMode::PassMap => color(banded()),
@@ -103,7 +105,9 @@ pub fn grid_ui(
     side: f32,
 ) {
     let (h, w) = run.grid;
-    let aspect = if h > 0 { w as f32 / h as f32 } else { 1.0 };
+    // With end-of-row tokens, a half-width column after the last one shows when each was fed.
+    let cols = w as f32 + if run.end_of_row { 0.5 } else { 0.0 };
+    let aspect = if h > 0 { cols / h as f32 } else { 1.0 };
     let size = if aspect >= 1.0 {
         vec2(side, side / aspect)
     } else {
@@ -111,14 +115,26 @@ pub fn grid_ui(
     };
     let (rect, response) = ui.allocate_exact_size(size, Sense::hover());
     response.widget_info(|| {
-        egui::WidgetInfo::labeled(egui::Role::Image, true, format!("{} grid", run.label))
+        let eol = if run.end_of_row {
+            " with an end-of-row column"
+        } else {
+            ""
+        };
+        egui::WidgetInfo::labeled(egui::Role::Image, true, format!("{} grid{eol}", run.label))
     });
     let painter = ui.painter_at(rect);
     painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
     if h * w == 0 {
         return;
     }
-    let cell = Vec2::new(rect.width() / w as f32, rect.height() / h as f32);
+    let cell = Vec2::new(rect.width() / cols, rect.height() / h as f32);
+    let image_rect = Rect::from_min_size(rect.min, vec2(cell.x * w as f32, rect.height()));
+    let eol_rect = |r: usize| {
+        Rect::from_min_size(
+            pos2(image_rect.max.x, rect.min.y + r as f32 * cell.y),
+            vec2(cell.x * 0.5, cell.y),
+        )
+    };
     let cell_rect = |i: usize| {
         let (r, c) = (i / w, i % w);
         Rect::from_min_size(
@@ -134,10 +150,15 @@ pub fn grid_ui(
     if show_image && let Some(tex) = texture {
         painter.image(
             tex.id(),
-            rect,
+            image_rect,
             Rect::from_min_max(pos2(0.0, 0.0), pos2(1.0, 1.0)),
             Color32::WHITE,
         );
+    }
+    for r in 0..h {
+        if let Some(p) = run.end_of_row_pass(r).filter(|&p| p < upto) {
+            painter.rect_filled(eol_rect(r).shrink(0.5), 0.0, color(pass_color(run, p)));
+        }
     }
     for i in 0..h * w {
         let r = cell_rect(i);
@@ -193,7 +214,19 @@ pub fn grid_ui(
     if let Some(pos) = response.hover_pos() {
         let c = ((pos.x - rect.min.x) / cell.x).floor() as usize;
         let r = ((pos.y - rect.min.y) / cell.y).floor() as usize;
-        if r < h && c < w {
+        if run.end_of_row && r < h && c >= w {
+            response.on_hover_ui_at_pointer(|ui| {
+                ui.label(format!("end of row {r}"));
+                match run.end_of_row_pass(r) {
+                    Some(p) if p < upto => ui.label(format!(
+                        "fed in pass {p}, with the first token of row {} (a known token: no pass of its own)",
+                        r + 1
+                    )),
+                    _ if r + 1 == h => ui.label("the last row's: never needed"),
+                    _ => ui.label("not fed yet"),
+                };
+            });
+        } else if r < h && c < w {
             let i = r * w + c;
             painter.rect_stroke(
                 cell_rect(i),

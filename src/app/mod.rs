@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use egui::{Color32, Key, KeyboardShortcut, Modifiers, RichText, TextureHandle, TextureOptions};
 
 use crate::decode::Mode;
+use crate::decode::schedule::Layout;
 use crate::export;
 use crate::model::palette::CodePalette;
 use crate::model::registry::Conditioning;
@@ -224,8 +225,11 @@ impl StudioApp {
                 Mode::Adaptive => format!("Adaptive s_min={}", params.window),
                 Mode::Exact => format!("Exact s={}", params.window),
             };
+            let mut run = RunView::new(job, label, params);
+            run.end_of_row =
+                matches!(&self.model, ModelState::Ready(i) if i.layout == Layout::EndOfRow);
             self.lanes.push(Lane {
-                run: RunView::new(job, label, params),
+                run,
                 texture: None,
                 texture_version: 0,
             });
@@ -573,7 +577,12 @@ impl StudioApp {
         );
         ui.horizontal(|ui| match (&self.settings.class_override, &self.matched) {
             _ if caption => {
-                ui.weak("free-text caption, encoded by the model's T5");
+                ui.weak(match &self.model {
+                    ModelState::Ready(i) if i.layout == Layout::EndOfRow => {
+                        "free-text prompt, in Lumina-mGPT's template, encoded by the model's tokenizer"
+                    }
+                    _ => "free-text caption, encoded by the model's T5",
+                });
             }
             (Some(id), _) => {
                 ui.label(format!("class {id} (picked)"));

@@ -58,6 +58,8 @@ pub struct RunView {
     pub params: GenerateParams,
     /// Grid (rows, columns).
     pub grid: (usize, usize),
+    /// Each row ends with an end-of-row token (Lumina-mGPT): the grid shows their column.
+    pub end_of_row: bool,
     /// Passes the schedule planned (an adaptive run may take more: see [`RunView::passes`]).
     pub planned_passes: usize,
     /// Token per cell (raster order).
@@ -105,6 +107,7 @@ impl RunView {
             label,
             params,
             grid: (0, 0),
+            end_of_row: false,
             planned_passes: 0,
             tokens: Vec::new(),
             pass_of: Vec::new(),
@@ -124,6 +127,17 @@ impl RunView {
             preview: None,
             image_version: 0,
         }
+    }
+
+    /// The pass that fed the end-of-row token closing row `r`: the one that drew the first
+    /// token of row `r + 1` (the separator goes in with it). `None` for the last row, whose
+    /// end-of-row token is never needed, and before that pass.
+    pub fn end_of_row_pass(&self, r: usize) -> Option<usize> {
+        let (h, w) = self.grid;
+        if !self.end_of_row || r + 1 >= h {
+            return None;
+        }
+        self.pass_of.get((r + 1) * w).copied().flatten()
     }
 
     /// The run's pass count, the one number every view uses: the actual count once the run
