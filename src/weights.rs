@@ -260,7 +260,8 @@ pub fn read_tensors_where(
     } else if ext == "safetensors" {
         candle_core::safetensors::load(path, &Device::Cpu).map_err(corrupt)?
     } else {
-        // DDP checkpoints keep the state dict under "model"; FSDP ones at the top.
+        // DDP checkpoints keep the state dict under "model", Lightning ones under
+        // "state_dict"; FSDP ones at the top.
         if is_legacy_torch_save(path) {
             return Err(WeightsError::Corrupt {
                 path: path.to_path_buf(),
@@ -285,9 +286,14 @@ pub fn read_tensors_where(
                 ),
             });
         }
-        let pth = match candle_core::pickle::PthTensors::new(path, Some("model")) {
-            Ok(p) if !p.tensor_infos().is_empty() => p,
-            _ => candle_core::pickle::PthTensors::new(path, None).map_err(corrupt)?,
+        let under = |key| {
+            candle_core::pickle::PthTensors::new(path, Some(key))
+                .ok()
+                .filter(|p| !p.tensor_infos().is_empty())
+        };
+        let pth = match under("model").or_else(|| under("state_dict")) {
+            Some(p) => p,
+            None => candle_core::pickle::PthTensors::new(path, None).map_err(corrupt)?,
         };
         let mut out = HashMap::new();
         let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
@@ -504,11 +510,17 @@ fn non_tensor_entries(path: &Path) -> Vec<String> {
         let Ok(Object::Dict(mut entries)) = stack.finalize() else {
             continue;
         };
-        let model = Object::Unicode("model".into());
-        if let Some(i) = entries.iter().position(|(k, _)| *k == model)
-            && let (_, Object::Dict(inner)) = entries.swap_remove(i)
-        {
-            entries = inner;
+        // The state dict: under "model" (DDP checkpoints), under "state_dict" (PyTorch
+        // Lightning's, e.g. Chameleon's vqgan.ckpt, whose other entries are training state),
+        // else at the top.
+        for key in ["model", "state_dict"] {
+            let key = Object::Unicode(key.into());
+            if let Some(i) = entries.iter().position(|(k, _)| *k == key)
+                && let (_, Object::Dict(inner)) = entries.swap_remove(i)
+            {
+                entries = inner;
+                break;
+            }
         }
         out.extend(entries.into_iter().filter_map(|(k, v)| match k {
             Object::Unicode(k) if !is_tensor(&v) => Some(k),

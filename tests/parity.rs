@@ -146,6 +146,16 @@ fn taming_vqgan_decoder_matches_reference() {
         .expect("decode");
     let d = max_abs_diff(&x, &f32s(&r["pixels"]));
     assert!(d < 1e-4, "pixels differ by {d}");
+    // Chameleon's VQGAN as released: a Lightning checkpoint, the state dict under "state_dict"
+    // next to training state. Same weights, same pixels.
+    let ckpt = fixture("tiny_vqgan").join("vqgan.ckpt");
+    let vb = zipar_studio::weights::var_builder(&ckpt, candle_core::DType::F32, &Device::Cpu)
+        .expect("lightning checkpoint");
+    let from_ckpt = zipar_studio::model::llamagen::VqDecoder::load(&cfg, vb)
+        .and_then(|v| v.decode(&codes, h, w))
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .expect("decode");
+    assert_eq!(from_ckpt, x, "the .ckpt and .safetensors decoders differ");
     let img = vq.decode_rgb(&codes, h, w).expect("image");
     let shape = u32s(&r["shape"]);
     assert_eq!(

@@ -39,6 +39,11 @@ def main():
     d = os.path.join(OUT, "tiny_vqgan")
     os.makedirs(d, exist_ok=True)
     save_file({k: v.half() for k, v in stored.items()}, os.path.join(d, "vqgan.safetensors"))
+    # Chameleon releases its VQGAN as a PyTorch Lightning checkpoint: the state dict under
+    # "state_dict", next to training state that is not tensors.
+    torch.save({"epoch": 3, "global_step": 1200, "pytorch-lightning_version": "1.8.6",
+                "state_dict": {k: v.half() for k, v in stored.items()}},
+               os.path.join(d, "vqgan.ckpt"))
     h, w = 3, 5
     codes = torch.randint(0, va.codebook_size, (1, h, w), generator=gen)
     with torch.no_grad():

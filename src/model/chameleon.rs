@@ -435,12 +435,13 @@ impl Default for LuminaSettings {
 }
 
 /// The files of a Lumina-mGPT folder: the transformer's weights (one file or shards), the
-/// VQGAN decoder (`vqgan.safetensors`, taming-transformers' key names), the tokenizer.
+/// VQGAN decoder (`vqgan.safetensors` with taming-transformers' key names, or Chameleon's
+/// Lightning checkpoint `vqgan.ckpt` as released), the tokenizer.
 #[derive(Debug, Clone)]
 pub struct LuminaFiles {
     /// `model.safetensors` or `model.safetensors.index.json`.
     pub weights: std::path::PathBuf,
-    /// `vqgan.safetensors`.
+    /// `vqgan.safetensors`, else `vqgan.ckpt`.
     pub vqgan: std::path::PathBuf,
     /// `tokenizer.json`.
     pub tokenizer: std::path::PathBuf,
@@ -449,12 +450,13 @@ pub struct LuminaFiles {
 impl LuminaFiles {
     /// Finds them in `dir`, naming the first one missing.
     pub fn find(dir: &Path) -> Result<Self, WeightsError> {
-        let one = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let weights = if one.is_file() { one } else { index };
+        let either = |a: &str, b: &str| {
+            let a = dir.join(a);
+            if a.is_file() { a } else { dir.join(b) }
+        };
         let files = Self {
-            weights,
-            vqgan: dir.join("vqgan.safetensors"),
+            weights: either("model.safetensors", "model.safetensors.index.json"),
+            vqgan: either("vqgan.safetensors", "vqgan.ckpt"),
             tokenizer: dir.join("tokenizer.json"),
         };
         for f in [&files.weights, &files.vqgan, &files.tokenizer] {
