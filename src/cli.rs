@@ -384,7 +384,18 @@ fn settings_list(
     exact: &[usize],
 ) -> anyhow::Result<Vec<Setting>> {
     let (_, w) = model.model.grid();
-    let range = crate::decode::schedule::window_range(model.model.layout(), w);
+    let layout = model.model.layout();
+    let range = crate::decode::schedule::window_range(layout, w);
+    // The adaptive window needs the raster layout: skipped (with a note) rather than failing
+    // the whole run on its default windows.
+    let adaptive = if layout == crate::decode::schedule::Layout::Raster || adaptive.is_empty() {
+        adaptive
+    } else {
+        eprintln!(
+            "note: the adaptive window is implemented for the raster layout only; skipped for this end-of-row model"
+        );
+        &[]
+    };
     let mut settings = vec![Setting {
         mode: Mode::Ntp,
         window: w,
