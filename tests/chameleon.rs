@@ -99,7 +99,12 @@ fn chameleon_image_vocabulary_and_refusals() {
     assert!(err(Condition::Tokens(vec![64]), opts).contains("outside the vocabulary"));
     assert!(err(Condition::Class(1), opts).contains("prompt of tokens"));
     let cfg_on = RunOptions { cfg: true, ..opts };
-    assert!(err(Condition::Tokens(vec![1]), cfg_on).contains("classifier-free guidance"));
+    assert!(err(Condition::Tokens(vec![1]), cfg_on).contains("unconditional prompt"));
+    let pair = Condition::TokenPair {
+        cond: vec![1, 2, 3],
+        uncond: vec![0, 1],
+    };
+    assert!(err(pair, cfg_on).contains("share positions"));
     // A grouped-query configuration is refused with its numbers.
     let mut gqa = cfg.clone();
     gqa.num_key_value_heads = Some(2);
@@ -272,7 +277,9 @@ fn a_lumina_folder_generates_from_a_text_prompt_through_the_cli() {
         .args(["generate", "--model"])
         .arg(fixture("tiny_chameleon"))
         .args(["--prompt", t["prompt"].as_str().expect("prompt")])
-        .args(["--mode", "zipar", "--window", "3", "--greedy", "--quiet"])
+        .args([
+            "--mode", "zipar", "--window", "3", "--greedy", "--quiet", "--cfg", "1",
+        ])
         .arg("--trace")
         .arg(&trace)
         .arg("--out")
@@ -290,6 +297,39 @@ fn a_lumina_folder_generates_from_a_text_prompt_through_the_cli() {
     assert_eq!(tr["passes"], t["passes"]);
     let img = image::open(&png).expect("png");
     assert_eq!((img.width(), img.height()), (16, 16));
+    // With classifier-free guidance (scale 3): the unconditional half is the official code's
+    // [0, 1, ..., 1, image start, grid tokens] prompt, same positions.
+    let c = &t["cfg"];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
+        .args(["generate", "--model"])
+        .arg(fixture("tiny_chameleon"))
+        .args(["--prompt", t["prompt"].as_str().expect("prompt")])
+        .args([
+            "--mode", "zipar", "--window", "3", "--greedy", "--quiet", "--cfg", "3",
+        ])
+        .arg("--trace")
+        .arg(&trace)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tr: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
+    assert_eq!(u32s(&tr["tokens"]), u32s(&c["codes"]));
+    assert_ne!(
+        u32s(&c["codes"]),
+        u32s(&t["codes"]),
+        "CFG changes the image here"
+    );
+    assert_eq!(
+        zipar_studio::model::chameleon::unconditional_prompt(&u32s(&t["ids"]), Some(4)),
+        u32s(&c["uncond"])
+    );
     // the registry's card: a caption model on a 4 x 4 grid with Lumina-mGPT's defaults
     let loaded = zipar_studio::model::registry::open(&fixture("tiny_chameleon"), &Device::Cpu)
         .expect("open");
@@ -299,6 +339,7 @@ fn a_lumina_folder_generates_from_a_text_prompt_through_the_cli() {
         zipar_studio::model::registry::Conditioning::Caption
     );
     assert_eq!(loaded.card.defaults.window, Some(16));
+    assert_eq!(loaded.card.defaults.cfg, Some(3.0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -311,7 +352,10 @@ fn a_lumina_folder_without_its_decoder_is_named() {
     let err = zipar_studio::model::registry::open(&dir, &Device::Cpu)
         .expect_err("refused")
         .to_string();
-    assert!(err.contains("vqgan.safetensors"), "{err}");
+    assert!(
+        err.contains("vqgan.safetensors") && err.contains("vqgan.ckpt"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -152,10 +152,19 @@ def zipar_end_of_row(h, w, s):
     return passes
 
 
-def greedy_zipar(model, prompt, h, w, s, eol, img_bpe):
-    """Greedy tokens (VQ codes, raster order) and pass count of ZipAR-s on an h x w grid."""
+def unconditional_prompt(ids, image_start):
+    """The official ZipAR code's unconditional prompt: token 0, then token 1 in place of every
+    prompt token before the image start; the image start and grid tokens kept."""
+    text = max((i for i, t in enumerate(ids) if t == image_start), default=len(ids))
+    return [0 if i == 0 else 1 if i < text else t for i, t in enumerate(ids)]
+
+
+def greedy_zipar(model, prompt, h, w, s, eol, img_bpe, cfg=1.0, uncond=None):
+    """Greedy tokens (VQ codes, raster order) and pass count of ZipAR-s on an h x w grid; with
+    cfg > 1, logits = u + (c - u) * cfg from a second cache fed the unconditional prompt."""
     t = len(prompt)
     cm = CachedChameleon(model)
+    um = CachedChameleon(model) if cfg > 1.0 else None
     bpe_to_code = {b: c for c, b in enumerate(img_bpe)}
     grid = [[None] * w for _ in range(h)]
     passes = zipar_end_of_row(h, w, s)
@@ -172,6 +181,10 @@ def greedy_zipar(model, prompt, h, w, s, eol, img_bpe):
                 toks.append(img_bpe[grid[f[1]][f[2]]])
                 poss.append(t + f[1] * (w + 1) + f[2])
         logits = cm.feed(toks, poss)
+        if um is not None:
+            utoks = list(uncond) + toks[t:] if feeds[0][0] == "prefill" else toks
+            u = um.feed(utoks, poss)
+            logits = u + (logits - u) * cfg
         # the rows that wanted logits: the prefill's last entry, else every feed but a "last"
         if feeds[0][0] == "prefill":
             rows_logits = [logits[-1]]
@@ -245,8 +258,11 @@ def write_zipar_reference():
     text_codes, text_passes = greedy_zipar(model, ids, lh, lw, 3, eol, img_bpe)
     ref = json.load(open(os.path.join(d, "reference.json")))
     ref["zipar"] = {"prompt": prompt, "grid": [h, w], "eol": eol, "runs": runs}
+    uncond = unconditional_prompt(ids, vocab["<racm3:break>"])
+    cfg_codes, cfg_passes = greedy_zipar(model, ids, lh, lw, 3, eol, img_bpe, cfg=3.0, uncond=uncond)
     ref["text"] = {"prompt": text_prompt, "ids": ids, "grid": [lh, lw], "window": 3,
-                   "codes": text_codes, "passes": text_passes}
+                   "codes": text_codes, "passes": text_passes,
+                   "cfg": {"scale": 3.0, "uncond": uncond, "codes": cfg_codes, "passes": cfg_passes}}
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump(ref, f)
     print("zipar runs:", [(r["window"], r["passes"]) for r in runs])

@@ -233,6 +233,26 @@ pub struct LuminaMgpt {
     decoder: Arc<dyn ImageDecoder>,
     /// Turns a text prompt into tokens (a model opened from a folder has one).
     template: Option<PromptTemplate>,
+    /// The image-start token `<racm3:break>`, where the unconditional prompt rejoins the
+    /// conditional one.
+    image_start: Option<u32>,
+}
+
+/// The unconditional prompt of classifier-free guidance as the official Lumina-mGPT ZipAR code
+/// builds it: the same length as the prompt, token 0 and then token 1 in place of every prompt
+/// token before the image start, the image start and grid-size tokens kept (the official code
+/// feeds them to both halves once generated).
+pub fn unconditional_prompt(ids: &[u32], image_start: Option<u32>) -> Vec<u32> {
+    let text = image_start
+        .and_then(|s| ids.iter().rposition(|&t| t == s))
+        .unwrap_or(ids.len());
+    (0..ids.len())
+        .map(|i| match i {
+            0 if text > 0 => 0,
+            i if i < text => 1,
+            i => ids[i],
+        })
+        .collect()
 }
 
 impl LuminaMgpt {
@@ -273,6 +293,7 @@ impl LuminaMgpt {
             grid,
             decoder,
             template: None,
+            image_start: None,
         })
     }
 
@@ -311,17 +332,23 @@ impl ImageArModel for LuminaMgpt {
             mask_unwritten: true,
             ..opts
         };
-        let encoded;
-        let cond = match (cond, &self.template) {
-            (Condition::Text(prompt), Some(t)) => {
-                encoded = Condition::Tokens(t.encode(prompt)?);
-                &encoded
-            }
+        let ids = match (cond, &self.template) {
+            (Condition::Text(prompt), Some(t)) => t.encode(prompt)?,
             (Condition::Text(_), None) => {
                 anyhow::bail!("this model has no tokenizer to encode the prompt with")
             }
-            _ => cond,
+            (Condition::Tokens(ids), _) => ids.clone(),
+            _ => anyhow::bail!("Lumina-mGPT takes a text prompt"),
         };
+        let cond = if opts.cfg {
+            Condition::TokenPair {
+                uncond: unconditional_prompt(&ids, self.image_start),
+                cond: ids,
+            }
+        } else {
+            Condition::Tokens(ids)
+        };
+        let cond = &cond;
         let (session, out) = self.gpt.start(cond, opts, None)?;
         self.session = Some(session);
         Ok(self.image_logits(out))
@@ -361,10 +388,10 @@ impl ImageArModel for LuminaMgpt {
 /// The longest prompt (template included) a Lumina-mGPT run takes, in tokens.
 pub const MAX_PROMPT: usize = 512;
 
-/// Lumina-mGPT's recommended settings as its ZipAR code runs them (window 16, image top-k
-/// 2000), with CFG 1 until classifier-free guidance is implemented for it.
+/// Lumina-mGPT's recommended settings as its ZipAR code runs them: window 16, CFG 3, image
+/// top-k 2000.
 pub const LUMINA_DEFAULTS: crate::weights::SamplingDefaults = crate::weights::SamplingDefaults {
-    cfg: Some(1.0),
+    cfg: Some(3.0),
     temperature: Some(1.0),
     top_k: Some(2000),
     top_p: None,
@@ -459,7 +486,12 @@ impl LuminaFiles {
             vqgan: either("vqgan.safetensors", "vqgan.ckpt"),
             tokenizer: dir.join("tokenizer.json"),
         };
-        for f in [&files.weights, &files.vqgan, &files.tokenizer] {
+        if !files.vqgan.is_file() {
+            return Err(WeightsError::MissingFile(
+                dir.join("vqgan.safetensors (or vqgan.ckpt, Chameleon's VQGAN)"),
+            ));
+        }
+        for f in [&files.weights, &files.tokenizer] {
             if !f.is_file() {
                 return Err(WeightsError::MissingFile(f.clone()));
             }
@@ -611,6 +643,7 @@ impl LuminaMgpt {
         });
         let mut model =
             Self::new(gpt, vocab, eol, decoder).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+        model.image_start = Some(template.image_start);
         model.template = Some(template);
         Ok(model)
     }

@@ -31,6 +31,14 @@ pub enum Condition {
     /// A prompt already tokenized, for models conditioned on tokens of their own vocabulary
     /// (Chameleon / Lumina-mGPT).
     Tokens(Vec<u32>),
+    /// A tokenized prompt with its unconditional counterpart for classifier-free guidance, of
+    /// the same length (the two halves of the batch share positions).
+    TokenPair {
+        /// The prompt.
+        cond: Vec<u32>,
+        /// The unconditional prompt.
+        uncond: Vec<u32>,
+    },
 }
 
 /// One input of a forward pass.

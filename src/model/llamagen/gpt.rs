@@ -449,6 +449,27 @@ impl Gpt {
         self.grid
     }
 
+    /// A prompt of token ids as a `[1, n, dim]` condition.
+    fn embed_prompt(&self, ids: &[u32]) -> anyhow::Result<Tensor> {
+        let n = self.cfg.cls_token_num;
+        anyhow::ensure!(
+            (1..=n).contains(&ids.len()),
+            "a prompt of {} tokens: this model takes 1 to {n}",
+            ids.len()
+        );
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            anyhow::bail!(
+                "token {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        let ids = Tensor::new(ids, &self.device)?;
+        Ok(self
+            .tok_embeddings
+            .forward(&ids)?
+            .reshape((1, ids.dim(0)?, self.cfg.dim))?)
+    }
+
     fn cond_embeddings(&self, cond: &Condition, cfg: bool) -> anyhow::Result<Tensor> {
         let dim = self.cfg.dim;
         let x = match (&self.cond, cond) {
@@ -486,29 +507,27 @@ impl Gpt {
             (CondEmbedding::Tokens, Condition::Tokens(ids)) => {
                 anyhow::ensure!(
                     !cfg,
-                    "classifier-free guidance is not implemented for Chameleon models yet: use CFG 1"
+                    "classifier-free guidance needs an unconditional prompt as well"
                 );
-                let n = self.cfg.cls_token_num;
-                anyhow::ensure!(
-                    (1..=n).contains(&ids.len()),
-                    "a prompt of {} tokens: this model takes 1 to {n}",
-                    ids.len()
-                );
-                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-                    anyhow::bail!(
-                        "token {bad} is outside the vocabulary of {}",
-                        self.cfg.vocab_size
+                self.embed_prompt(ids)?
+            }
+            (CondEmbedding::Tokens, Condition::TokenPair { cond, uncond }) => {
+                if cfg {
+                    anyhow::ensure!(
+                        cond.len() == uncond.len(),
+                        "the unconditional prompt has {} tokens for {}: the two share positions",
+                        uncond.len(),
+                        cond.len()
                     );
+                    Tensor::cat(&[self.embed_prompt(cond)?, self.embed_prompt(uncond)?], 0)?
+                } else {
+                    self.embed_prompt(cond)?
                 }
-                let ids = Tensor::new(ids.as_slice(), &self.device)?;
-                self.tok_embeddings
-                    .forward(&ids)?
-                    .reshape((1, ids.dim(0)?, dim))?
             }
             (CondEmbedding::Tokens, _) => {
                 anyhow::bail!("this model is conditioned on a prompt of tokens")
             }
-            (_, Condition::Tokens(_)) => {
+            (_, Condition::Tokens(_) | Condition::TokenPair { .. }) => {
                 anyhow::bail!("this model is not conditioned on a prompt of tokens")
             }
             (CondEmbedding::Class(_), _) => {
