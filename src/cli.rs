@@ -729,11 +729,25 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         indicatif::ProgressBar::new(schedule.num_passes() as u64)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} passes {elapsed_precise}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} passes {elapsed_precise}, {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let trace = generate(model.model.as_mut(), &cond, &params, &mut |_| {
+    let total = schedule.num_passes();
+    let (mut pass_ms, mut warned) = (Vec::new(), false);
+    let trace = generate(model.model.as_mut(), &cond, &params, &mut |r| {
         bar.inc(1);
+        pass_ms.push(r.elapsed.as_secs_f64() * 1e3);
+        if !warned && let Some(w) = crate::decode::engine::slow_run_warning(&pass_ms, total) {
+            warned = true;
+            let note = "warning: a slow run on this device";
+            if args.quiet {
+                eprintln!("{note}: {w}");
+            } else {
+                bar.println(format!("{note}: {w}"));
+            }
+        }
         Flow::Continue
     })?;
     bar.finish_and_clear();

@@ -628,6 +628,11 @@ impl StudioApp {
                     run.elapsed.as_secs_f32()
                 )),
         );
+        // A large model on a CPU: what the first passes took and what the run will take.
+        if let Some(w) = crate::decode::engine::slow_run_warning(&run.pass_ms, run.passes()) {
+            ui.colored_label(ui.visuals().warn_fg_color, format!("slow here: {w}"))
+                .on_hover_text("a GPU build (--features cuda or metal) runs large models far faster; Stop cancels the run between passes");
+        }
     }
 
     fn status_ui(&mut self, ui: &mut egui::Ui) {
