@@ -340,6 +340,14 @@ fn a_lumina_folder_generates_from_a_text_prompt_through_the_cli() {
     );
     assert_eq!(loaded.card.defaults.window, Some(16));
     assert_eq!(loaded.card.defaults.cfg, Some(3.0));
+    let summary = zipar_studio::model::registry::summary(&fixture("tiny_chameleon"), &Device::Cpu)
+        .expect("summary");
+    assert!(
+        summary.text.contains("Chameleon 0.1M parameters")
+            && summary.text.contains("KV cache of a 4x4 image"),
+        "{}",
+        summary.text
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

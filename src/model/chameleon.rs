@@ -399,6 +399,21 @@ pub const LUMINA_DEFAULTS: crate::weights::SamplingDefaults = crate::weights::Sa
     mask_unwritten: None,
 };
 
+/// Bytes a Lumina-mGPT run needs: the transformer's `params` at `dtype_bytes` each, its KV
+/// cache for the longest prompt and an `h x w` grid with end-of-row tokens, both CFG halves,
+/// and the VQGAN decoder's `vq_params` in f32.
+pub fn memory_needed(
+    cfg: &GptConfig,
+    params: u64,
+    dtype_bytes: u64,
+    grid: (usize, usize),
+    vq_params: u64,
+) -> u64 {
+    let positions = (MAX_PROMPT + grid.0 * (grid.1 + 1)) as u64;
+    let kv = 2 * cfg.n_layer as u64 * 2 * positions * cfg.dim as u64 * dtype_bytes;
+    params * dtype_bytes + kv + vq_params * 4
+}
+
 /// What loading a Lumina-mGPT folder reads and roughly takes in memory (from the safetensors
 /// headers; the VQ encoder's weights are not counted, they are not read).
 pub fn load_summary(
@@ -410,6 +425,23 @@ pub fn load_summary(
     let keep = |name: &str| !name.starts_with("model.vqmodel.");
     let params = count_elements_where(&files.weights, &keep)?;
     let dtype = super::llamagen::gpt_dtype(device);
+    let cfg_path = dir.join("config.json");
+    let gpt_cfg = ChameleonConfig::read(dir)
+        .and_then(|c| c.gpt_config(MAX_PROMPT))
+        .map_err(|e| WeightsError::BadManifest {
+            path: cfg_path,
+            msg: format!("{e:#}"),
+        })?;
+    let grid = LuminaSettings::read(dir)?.grid(dir)?;
+    let decoder = |name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.");
+    let vq_params = count_elements_where(&files.vqgan, &decoder).unwrap_or(0);
+    let need = memory_needed(
+        &gpt_cfg,
+        params,
+        dtype.size_in_bytes() as u64,
+        grid,
+        vq_params,
+    );
     let (w, v) = (weight_bytes(&files.weights), weight_bytes(&files.vqgan));
     let name = |p: &Path| {
         p.file_name()
@@ -419,7 +451,7 @@ pub fn load_summary(
     Ok(super::llamagen::LoadSummary {
         weight_bytes: w + v,
         text: format!(
-            "{} {} + {} {}: Chameleon {:.1}M parameters, about {} as {:?} on {}",
+            "{} {} + {} {}: Chameleon {:.1}M parameters, about {} as {:?} on {}; {} in all with the KV cache of a {}x{} image and the VQGAN",
             name(&files.weights),
             human_bytes(w as f64),
             name(&files.vqgan),
@@ -428,6 +460,9 @@ pub fn load_summary(
             human_bytes(params as f64 * dtype.size_in_bytes() as f64),
             dtype,
             if device.is_cpu() { "cpu" } else { "gpu" },
+            human_bytes(need as f64),
+            grid.0,
+            grid.1,
         ),
     })
 }
@@ -449,6 +484,36 @@ pub struct LuminaSettings {
 
 fn default_image_size() -> usize {
     768
+}
+
+impl LuminaSettings {
+    /// `dir/zipar.json`, or the defaults when there is none.
+    pub fn read(dir: &Path) -> Result<Self, WeightsError> {
+        let path = dir.join("zipar.json");
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let bad = |msg: String| WeightsError::BadManifest {
+            path: path.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+    }
+
+    /// The code grid (rows, columns).
+    pub fn grid(&self, dir: &Path) -> Result<(usize, usize), WeightsError> {
+        let grid = self
+            .grid
+            .unwrap_or((self.image_size / 16, self.image_size / 16));
+        if grid.0 == 0 || grid.1 == 0 {
+            return Err(WeightsError::BadManifest {
+                path: dir.join("zipar.json"),
+                msg: format!("empty code grid {grid:?}"),
+            });
+        }
+        Ok(grid)
+    }
 }
 
 impl Default for LuminaSettings {
@@ -583,26 +648,36 @@ impl LuminaMgpt {
         };
         let cfg_path = dir.join("config.json");
         let cfg = ChameleonConfig::read(dir).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
-        let settings_path = dir.join("zipar.json");
-        let settings: LuminaSettings = if settings_path.is_file() {
-            let text = std::fs::read_to_string(&settings_path)
-                .map_err(|e| bad(&settings_path, e.to_string()))?;
-            serde_json::from_str(&text).map_err(|e| bad(&settings_path, e.to_string()))?
-        } else {
-            LuminaSettings::default()
-        };
-        let grid = settings
-            .grid
-            .unwrap_or((settings.image_size / 16, settings.image_size / 16));
-        if grid.0 == 0 || grid.1 == 0 {
-            return Err(bad(&settings_path, format!("empty code grid {grid:?}")));
-        }
+        let settings = LuminaSettings::read(dir)?;
+        let grid = settings.grid(dir)?;
         let files = LuminaFiles::find(dir)?;
         let gpt_cfg = cfg
             .gpt_config(MAX_PROMPT)
             .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
         let dtype = super::llamagen::gpt_dtype(device);
         let keep = |name: &str| !name.starts_with("model.vqmodel.");
+        if device.is_cpu() {
+            let decoder = |name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.");
+            let need = memory_needed(
+                &gpt_cfg,
+                crate::weights::count_elements_where(&files.weights, &keep)?,
+                dtype.size_in_bytes() as u64,
+                grid,
+                crate::weights::count_elements_where(&files.vqgan, &decoder).unwrap_or(0),
+            );
+            if let Some(have) = crate::weights::available_memory()
+                && need > have
+            {
+                return Err(bad(
+                    &cfg_path,
+                    format!(
+                        "this model needs about {} (weights as {dtype:?}, KV cache, VQGAN) but only {} of memory is available",
+                        crate::weights::human_bytes(need as f64),
+                        crate::weights::human_bytes(have as f64)
+                    ),
+                ));
+            }
+        }
         let vb = var_builder_where(&files.weights, Some(&keep), dtype, device, on_file)?;
         let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, vb)
             .map_err(|e| mismatch(&files.weights, e))?;
@@ -652,6 +727,34 @@ impl LuminaMgpt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lumina_7b_needs_what_its_sizes_say() {
+        // Lumina-mGPT-7B-768: 32 layers of 4096, about 7.0e9 parameters in bf16, 48 x 48 codes.
+        let cfg = ChameleonConfig {
+            model_type: "chameleon".into(),
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: Some(32),
+            vocab_size: 65536,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: Some(10240),
+            swin_norm: false,
+            attention_bias: false,
+            mlp_bias: false,
+            vocabulary_map: HashMap::new(),
+        }
+        .gpt_config(MAX_PROMPT)
+        .expect("config");
+        let need = memory_needed(&cfg, 7_000_000_000, 2, (48, 48), 70_000_000);
+        // 14 GB of weights, 2 x 32 x 2 x (512 + 2352) x 4096 x 2 B = 3.0 GB of cache, 0.28 GB
+        let kv = 2 * 32 * 2 * (512 + 48 * 49) * 4096 * 2;
+        assert_eq!(need, 14_000_000_000 + kv + 280_000_000);
+        assert!((17.2e9..17.4e9).contains(&(need as f64)), "{need}");
+    }
 
     #[test]
     fn image_token_names_map_to_codes() {
