@@ -11,7 +11,11 @@ use zipar_studio::model::llamagen::Gpt;
 use zipar_studio::model::{Condition, ModelInput, RunOptions};
 
 fn load(max_prompt: usize, positions: usize) -> Gpt {
-    let dir = fixture("tiny_chameleon");
+    load_from("tiny_chameleon", max_prompt, positions)
+}
+
+fn load_from(name: &str, max_prompt: usize, positions: usize) -> Gpt {
+    let dir = fixture(name);
     let cfg = ChameleonConfig::read(&dir)
         .and_then(|c| c.gpt_config(max_prompt))
         .expect("config");
@@ -26,7 +30,15 @@ fn load(max_prompt: usize, positions: usize) -> Gpt {
 
 #[test]
 fn chameleon_logits_match_transformers() {
-    let r = reference("tiny_chameleon");
+    // 4 heads each with its own keys and values, then grouped-query attention (2 key/value
+    // heads serving 2 query heads each).
+    for name in ["tiny_chameleon", "tiny_chameleon_gqa"] {
+        logits_match(name);
+    }
+}
+
+fn logits_match(name: &str) {
+    let r = reference(name);
     let ids = u32s(&r["ids"]);
     let want: Vec<Vec<f32>> = r["logits"]
         .as_array()
@@ -35,14 +47,14 @@ fn chameleon_logits_match_transformers() {
         .map(f32s)
         .collect();
     let prompt = 4;
-    let gpt = load(prompt, ids.len() - prompt);
+    let gpt = load_from(name, prompt, ids.len() - prompt);
     let opts = RunOptions::default();
     // one token per pass
     let (mut session, first) = gpt
         .start(&Condition::Tokens(ids[..prompt].to_vec()), opts, None)
         .expect("prefill");
     let d = max_abs_diff(&first.cond[0], &want[prompt - 1]);
-    assert!(d < 1e-4, "prompt logits differ by {d}");
+    assert!(d < 1e-4, "{name}: prompt logits differ by {d}");
     for (pos, &token) in ids[prompt..].iter().enumerate() {
         let input = ModelInput {
             token,
@@ -51,7 +63,7 @@ fn chameleon_logits_match_transformers() {
         };
         let out = gpt.step(&mut session, &[input]).expect("step");
         let d = max_abs_diff(&out.cond[0], &want[prompt + pos]);
-        assert!(d < 1e-4, "logits at {} differ by {d}", prompt + pos);
+        assert!(d < 1e-4, "{name}: logits at {} differ by {d}", prompt + pos);
     }
     // the rest in one pass of 8 inputs
     let (mut session, _) = gpt
@@ -69,7 +81,11 @@ fn chameleon_logits_match_transformers() {
     let out = gpt.step(&mut session, &inputs).expect("pass");
     for (i, row) in out.cond.iter().enumerate() {
         let d = max_abs_diff(row, &want[prompt + i]);
-        assert!(d < 1e-4, "one-pass logits at {} differ by {d}", prompt + i);
+        assert!(
+            d < 1e-4,
+            "{name}: one-pass logits at {} differ by {d}",
+            prompt + i
+        );
     }
 }
 
@@ -105,14 +121,14 @@ fn chameleon_image_vocabulary_and_refusals() {
         uncond: vec![0, 1],
     };
     assert!(err(pair, cfg_on).contains("share positions"));
-    // A grouped-query configuration is refused with its numbers.
+    // Key/value heads that do not divide the query heads are refused with the numbers.
     let mut gqa = cfg.clone();
-    gqa.num_key_value_heads = Some(2);
+    gqa.num_key_value_heads = Some(3);
     assert!(
         gqa.gpt_config(4)
             .unwrap_err()
             .to_string()
-            .contains("2 key/value heads")
+            .contains("3 key/value heads do not divide the 4")
     );
 }
 

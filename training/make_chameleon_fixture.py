@@ -268,6 +268,45 @@ def write_zipar_reference():
     print("zipar runs:", [(r["window"], r["passes"]) for r in runs])
 
 
+def write_gqa():
+    """The same architecture with grouped-query attention (4 query heads, 2 key/value heads),
+    language-model weights only: `tests/fixtures/tiny_chameleon_gqa`."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    vocab = json.load(open(os.path.join(OUT, "tiny_chameleon", "config.json")))["vocabulary_map"]
+    cfg = ChameleonConfig(
+        vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=10000.0, vocabulary_map=vocab,
+        vq_config={"embed_dim": 4, "num_embeddings": IMAGE_CODES, "latent_channels": 4,
+                   "resolution": 16, "in_channels": 3, "base_channels": 32,
+                   "channel_multiplier": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
+    )
+    model = ChameleonForConditionalGeneration(cfg).eval()
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    d = os.path.join(OUT, "tiny_chameleon_gqa")
+    os.makedirs(d, exist_ok=True)
+    cfg.save_pretrained(d)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if "vqmodel" not in k}
+    save_file(sd, os.path.join(d, "model.safetensors"))
+    ids = torch.tensor([[1, 5, 9, 17, 3, 30, 44, 2, 60, 25, 41, 52]])
+    with torch.no_grad():
+        logits = model.lm_head(model.model(input_ids=ids).last_hidden_state)[0]
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump({"ids": ids[0].tolist(), "logits": [rounded(row) for row in logits]}, f)
+    print("wrote", d)
+
+
 if __name__ == "__main__":
     main()
     write_zipar_reference()
+    write_gqa()

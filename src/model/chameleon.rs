@@ -93,8 +93,8 @@ impl ChameleonConfig {
     pub fn gpt_config(&self, max_prompt: usize) -> anyhow::Result<GptConfig> {
         let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         anyhow::ensure!(
-            kv == self.num_attention_heads,
-            "grouped-query attention ({kv} key/value heads for {} query heads) is not supported",
+            kv > 0 && self.num_attention_heads.is_multiple_of(kv),
+            "{kv} key/value heads do not divide the {} query heads",
             self.num_attention_heads
         );
         anyhow::ensure!(
@@ -125,6 +125,7 @@ impl ChameleonConfig {
             rope_base: self.rope_theta,
             norm_eps: self.rms_norm_eps,
             family: Family::Chameleon,
+            n_kv_head: Some(kv),
         })
     }
 

@@ -578,8 +578,9 @@ fn exp_nonpositive(x: f32) -> f32 {
 
 /// candle custom op: attention of a pass's queries over the slot cache (f32, CPU).
 ///
-/// Inputs: `q [B, H, k, D]`, the key cache transposed, `K [B, H, D, S]`, and the value cache
-/// `V [B, H, S, D]` (the first `len` slots are used). Query `i` sees slot `j` when
+/// Inputs: `q [B, H, k, D]`, the key cache transposed, `K [B, Hkv, D, S]`, and the value cache
+/// `V [B, Hkv, S, D]` (the first `len` slots are used), where `Hkv` divides `H` (grouped-query
+/// attention: key/value head `g` serves query heads `g * H / Hkv ..`). Query `i` sees slot `j` when
 /// `j <= slots[i]` and `bias[j]` is 0 (it is `-inf` for hidden slots). Output `[B, k, H * D]`, the layout the output projection
 /// takes, so no transpose copy follows.
 pub struct SlotAttention<'a> {
@@ -722,9 +723,13 @@ impl CustomOp3 for SlotAttention<'_> {
             candle_core::bail!("slot-attention needs contiguous inputs");
         };
         let (b, h, k, d) = ql.shape().dims4()?;
-        let (vb, vh, s, vd) = vl.shape().dims4()?;
-        if kl.shape().dims() != [b, h, d, s]
-            || (vb, vh, vd) != (b, h, d)
+        let (vb, hkv, s, vd) = vl.shape().dims4()?;
+        // Grouped-query attention: each of the `hkv` key/value heads serves `h / hkv` query
+        // heads in turn.
+        if kl.shape().dims() != [b, hkv, d, s]
+            || (vb, vd) != (b, d)
+            || hkv == 0
+            || !h.is_multiple_of(hkv)
             || self.slots.len() != k
             || self.len > s
             || self.bias.len() < self.len
@@ -735,10 +740,11 @@ impl CustomOp3 for SlotAttention<'_> {
         let kc = &ks.as_slice::<f32>()?[k0..k1];
         let vc = &vs.as_slice::<f32>()?[v0..v1];
         let one = |bh: usize| {
+            let kvh = (bh / h) * hkv + (bh % h) / (h / hkv);
             self.head(
                 &q[bh * k * d..(bh + 1) * k * d],
-                &kc[bh * d * s..(bh + 1) * d * s],
-                &vc[bh * s * d..(bh + 1) * s * d],
+                &kc[kvh * d * s..(kvh + 1) * d * s],
+                &vc[kvh * s * d..(kvh + 1) * s * d],
                 s,
                 d,
             )

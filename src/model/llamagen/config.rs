@@ -37,6 +37,9 @@ pub struct GptConfig {
     /// The transformer family: how the weights are named and what attention does.
     #[serde(default)]
     pub family: Family,
+    /// Key/value heads (grouped-query attention), dividing `n_head`; `n_head` when absent.
+    #[serde(default)]
+    pub n_kv_head: Option<usize>,
 }
 
 /// The transformer families the GPT reads.
@@ -92,7 +95,13 @@ impl GptConfig {
             rope_base: 10000.0,
             norm_eps: 1e-5,
             family: Family::LlamaGen,
+            n_kv_head: None,
         })
+    }
+
+    /// Key/value heads: `n_kv_head`, else one per query head.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_head.unwrap_or(self.n_head)
     }
 
     /// Width of one attention head.
@@ -130,6 +139,13 @@ impl GptConfig {
         bounded("dim", self.dim, 1, 16_384)?;
         bounded("n_layer", self.n_layer, 1, 512)?;
         bounded("n_head", self.n_head, 1, 512)?;
+        let kv = self.kv_heads();
+        if kv == 0 || !self.n_head.is_multiple_of(kv) {
+            return Err(format!(
+                "n_kv_head {kv} must divide the {} query heads",
+                self.n_head
+            ));
+        }
         bounded("vocab_size", self.vocab_size, 1, 1 << 20)?;
         bounded("num_classes", self.num_classes, 0, 1 << 20)?;
         bounded("cls_token_num", self.cls_token_num, 1, 4096)?;

@@ -18,6 +18,8 @@ struct Attention {
     wqkv: Dense,
     wo: Dense,
     n_head: usize,
+    /// Key/value heads, dividing `n_head` (fewer with grouped-query attention).
+    n_kv_head: usize,
     head_dim: usize,
     /// Chameleon: the LayerNorms of each head's queries and keys.
     qk_norm: Option<(HeadNorm, HeadNorm)>,
@@ -133,10 +135,17 @@ impl Attention {
         let (rows, dim) = x.dims2()?;
         let k = rows / b;
         let qkv = self.wqkv.forward(x)?;
+        let kv_dim = self.n_kv_head * self.head_dim;
+        // q, then k and v with `n_kv_head` heads each
         let split = |i: usize| -> Result<Tensor> {
-            let part =
-                qkv.narrow(D::Minus1, i * dim, dim)?
-                    .reshape((b, k, self.n_head, self.head_dim))?;
+            let (start, heads) = match i {
+                0 => (0, self.n_head),
+                1 => (dim, self.n_kv_head),
+                _ => (dim + kv_dim, self.n_kv_head),
+            };
+            let part = qkv
+                .narrow(D::Minus1, start, heads * self.head_dim)?
+                .reshape((b, k, heads, self.head_dim))?;
             let part = match (&self.qk_norm, i) {
                 (Some((q_norm, _)), 0) => q_norm.forward(&part)?,
                 (Some((_, k_norm)), 1) => k_norm.forward(&part)?,
@@ -163,10 +172,10 @@ impl Attention {
             };
             let q = q.contiguous()?;
             let out = q.apply_op3_no_bwd(keys, values, &op)?;
-            // Capture recomputes the probabilities with candle's ops (keys are [B, H, D, S]).
+            // Capture recomputes the probabilities with candle's ops (keys are [B, Hkv, D, S]).
             let probs = match (&ctx.mask, ctx.capture) {
                 (Some(mask), true) => {
-                    let kt = keys.narrow(3, 0, ctx.len)?.contiguous()?;
+                    let kt = self.repeat_kv(&keys.narrow(3, 0, ctx.len)?)?.contiguous()?;
                     let att = (q.matmul(&kt)? * scale)?.broadcast_add(mask)?;
                     Some(candle_nn::ops::softmax_last_dim(&att)?)
                 }
@@ -178,6 +187,7 @@ impl Attention {
             candle_core::bail!("the slot-major attention needs a mask");
         };
         let (keys, values) = kv.write_and_view(&ctx.index, &key, &value, ctx.len)?;
+        let (keys, values) = (self.repeat_kv(&keys)?, self.repeat_kv(&values)?);
         let att = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&mask.to_dtype(q.dtype())?)?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let out = att
@@ -186,6 +196,21 @@ impl Attention {
             .reshape((b * k, dim))?;
         let probs = ctx.capture.then(|| att.clone());
         Ok((self.wo.forward(&out)?, probs))
+    }
+}
+
+impl Attention {
+    /// `[B, Hkv, a, b]` -> `[B, H, a, b]`, each key/value head serving `H / Hkv` query heads
+    /// in turn (transformers' `repeat_kv`).
+    fn repeat_kv(&self, x: &Tensor) -> Result<Tensor> {
+        let groups = self.n_head / self.n_kv_head;
+        if groups == 1 {
+            return Ok(x.clone());
+        }
+        let (b, hkv, a, c) = x.dims4()?;
+        x.unsqueeze(2)?
+            .broadcast_as((b, hkv, groups, a, c))?
+            .reshape((b, hkv * groups, a, c))
     }
 }
 
@@ -203,6 +228,7 @@ impl Block {
                 wqkv: Dense::load(dim, 3 * dim, attn.pp("wqkv"))?,
                 wo: Dense::load(dim, dim, attn.pp("wo"))?,
                 n_head: cfg.n_head,
+                n_kv_head: cfg.n_head,
                 head_dim: cfg.head_dim(),
                 qk_norm: None,
                 family: Family::LlamaGen,
@@ -222,6 +248,7 @@ impl Block {
     /// `post_attention_layernorm`); q, k and v are stacked into one projection.
     fn load_chameleon(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
         let (dim, hidden, hd) = (cfg.dim, cfg.ffn_hidden(), cfg.head_dim());
+        let kv_dim = cfg.kv_heads() * hd;
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
         Ok(Self {
@@ -230,16 +257,17 @@ impl Block {
                     dim,
                     &[
                         (dim, attn.pp("q_proj")),
-                        (dim, attn.pp("k_proj")),
-                        (dim, attn.pp("v_proj")),
+                        (kv_dim, attn.pp("k_proj")),
+                        (kv_dim, attn.pp("v_proj")),
                     ],
                 )?,
                 wo: Dense::load(dim, dim, attn.pp("o_proj"))?,
                 n_head: cfg.n_head,
+                n_kv_head: cfg.kv_heads(),
                 head_dim: hd,
                 qk_norm: Some((
                     HeadNorm::load(cfg.n_head, hd, attn.pp("q_norm"))?,
-                    HeadNorm::load(cfg.n_head, hd, attn.pp("k_norm"))?,
+                    HeadNorm::load(cfg.kv_heads(), hd, attn.pp("k_norm"))?,
                 )),
                 family: Family::Chameleon,
             },
@@ -568,7 +596,7 @@ impl Gpt {
             .map(|_| {
                 LayerKv::new(
                     batch,
-                    self.cfg.n_head,
+                    self.cfg.kv_heads(),
                     slots_total,
                     self.cfg.head_dim(),
                     key_layout(&self.device, self.dtype),
@@ -673,7 +701,7 @@ impl Gpt {
             index: SlotIndex::new(
                 slots,
                 state.batch,
-                self.cfg.n_head,
+                self.cfg.kv_heads(),
                 self.cfg.head_dim(),
                 layout,
                 dev,
