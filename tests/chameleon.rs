@@ -388,3 +388,45 @@ fn tempfile_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+#[test]
+fn a_lumina_folder_with_an_impossible_grid_is_refused_before_loading() {
+    let dir = tempfile_dir("lumina-grid");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vqgan.safetensors",
+    ] {
+        std::fs::copy(fixture("tiny_chameleon").join(f), dir.join(f)).expect("copy");
+    }
+    for (settings, want) in [
+        (r#"{"grid": [100000, 4]}"#, "each side must be 1 to 512"),
+        (
+            r#"{"grid": [3, 4]}"#,
+            "not a whole number of 32-pixel patches",
+        ),
+        (r#"{"grid": [4, 4], "colour": 1}"#, "unknown field"),
+    ] {
+        std::fs::write(dir.join("zipar.json"), settings).expect("write");
+        let err = zipar_studio::model::registry::open(&dir, &Device::Cpu)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(want), "{settings}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_llamagen_manifest_cannot_ask_for_another_family() {
+    // family and n_kv_head are set by the loaders, not read from a LlamaGen config.json
+    let json = r#"{"dim": 64, "n_layer": 2, "n_head": 4, "vocab_size": 96,
+                   "family": "chameleon", "n_kv_head": 2}"#;
+    match serde_json::from_str::<zipar_studio::model::llamagen::GptConfig>(json) {
+        Ok(cfg) => {
+            assert_eq!(cfg.family, zipar_studio::model::llamagen::Family::LlamaGen);
+            assert_eq!(cfg.kv_heads(), 4);
+        }
+        Err(e) => assert!(e.to_string().contains("unknown field"), "{e}"),
+    }
+}

@@ -223,6 +223,9 @@ pub fn grid_ui(
                         r + 1
                     )),
                     _ if r + 1 == h => ui.label("the last row's: never needed"),
+                    _ if run.params.mode == crate::decode::Mode::Exact => {
+                        ui.label("the exact mode feeds it with its drafts; when is not recorded")
+                    }
                     _ => ui.label("not fed yet"),
                 };
             });

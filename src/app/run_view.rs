@@ -131,10 +131,11 @@ impl RunView {
 
     /// The pass that fed the end-of-row token closing row `r`: the one that drew the first
     /// token of row `r + 1` (the separator goes in with it). `None` for the last row, whose
-    /// end-of-row token is never needed, and before that pass.
+    /// end-of-row token is never needed, before that pass, and in the exact mode, whose
+    /// chains may feed it earlier with the drafts (the trace does not record when).
     pub fn end_of_row_pass(&self, r: usize) -> Option<usize> {
         let (h, w) = self.grid;
-        if !self.end_of_row || r + 1 >= h {
+        if !self.end_of_row || r + 1 >= h || self.params.mode == crate::decode::Mode::Exact {
             return None;
         }
         self.pass_of.get((r + 1) * w).copied().flatten()

@@ -408,11 +408,25 @@ pub fn memory_needed(
     params: u64,
     dtype_bytes: u64,
     grid: (usize, usize),
-    vq_params: u64,
+    vq: (u64, &super::llamagen::VqConfig),
 ) -> u64 {
+    let (vq_params, vq_cfg) = vq;
     let positions = (MAX_PROMPT + grid.0 * (grid.1 + 1)) as u64;
-    let kv = 2 * cfg.n_layer as u64 * 2 * positions * cfg.dim as u64 * dtype_bytes;
-    params * dtype_bytes + kv + vq_params * 4
+    let kv_width = (cfg.kv_heads() * cfg.head_dim()) as u64;
+    let kv = 2 * cfg.n_layer as u64 * 2 * positions * kv_width * dtype_bytes;
+    // The decoder's largest activations: about three full-resolution maps of its last level.
+    let side = vq_cfg.downsample() as u64;
+    let pixels = grid.0 as u64 * side * grid.1 as u64 * side;
+    let activations = 3 * pixels * (vq_cfg.ch * vq_cfg.ch_mult[0]) as u64 * 4;
+    params * dtype_bytes + kv + vq_params * 4 + activations
+}
+
+/// The VQGAN decoder's parameters: from the safetensors header, or for a pickled checkpoint
+/// (whose tensors are only known by reading it) a quarter of the file's bytes, an
+/// overestimate since the file also holds the encoder.
+fn vq_params(path: &Path, keep: crate::weights::Keep) -> u64 {
+    crate::weights::count_elements_where(path, keep)
+        .unwrap_or_else(|_| crate::weights::weight_bytes(path) / 4)
 }
 
 /// What loading a Lumina-mGPT folder reads and roughly takes in memory (from the safetensors
@@ -433,15 +447,18 @@ pub fn load_summary(
             path: cfg_path,
             msg: format!("{e:#}"),
         })?;
-    let grid = LuminaSettings::read(dir)?.grid(dir)?;
+    let settings = LuminaSettings::read(dir)?;
+    let grid = settings.grid(dir)?;
     let decoder = |name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.");
-    let vq_params = count_elements_where(&files.vqgan, &decoder).unwrap_or(0);
+    let vq_cfg = settings
+        .vq
+        .unwrap_or_else(super::llamagen::VqConfig::chameleon_vqgan);
     let need = memory_needed(
         &gpt_cfg,
         params,
         dtype.size_in_bytes() as u64,
         grid,
-        vq_params,
+        (vq_params(&files.vqgan, &decoder), &vq_cfg),
     );
     let (w, v) = (weight_bytes(&files.weights), weight_bytes(&files.vqgan));
     let name = |p: &Path| {
@@ -507,10 +524,13 @@ impl LuminaSettings {
         let grid = self
             .grid
             .unwrap_or((self.image_size / 16, self.image_size / 16));
-        if grid.0 == 0 || grid.1 == 0 {
+        if !(1..=512).contains(&grid.0) || !(1..=512).contains(&grid.1) {
             return Err(WeightsError::BadManifest {
                 path: dir.join("zipar.json"),
-                msg: format!("empty code grid {grid:?}"),
+                msg: format!(
+                    "a {}x{} code grid: each side must be 1 to 512 codes (image_size {})",
+                    grid.0, grid.1, self.image_size
+                ),
             });
         }
         Ok(grid)
@@ -655,46 +675,8 @@ impl LuminaMgpt {
         let gpt_cfg = cfg
             .gpt_config(MAX_PROMPT)
             .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
-        let dtype = super::llamagen::gpt_dtype(device);
-        let keep = |name: &str| !name.starts_with("model.vqmodel.");
-        if device.is_cpu() {
-            let decoder = |name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.");
-            let need = memory_needed(
-                &gpt_cfg,
-                crate::weights::count_elements_where(&files.weights, &keep)?,
-                dtype.size_in_bytes() as u64,
-                grid,
-                crate::weights::count_elements_where(&files.vqgan, &decoder).unwrap_or(0),
-            );
-            if let Some(have) = crate::weights::available_memory()
-                && need > have
-            {
-                return Err(bad(
-                    &cfg_path,
-                    format!(
-                        "this model needs about {} (weights as {dtype:?}, KV cache, VQGAN) but only {} of memory is available",
-                        crate::weights::human_bytes(need as f64),
-                        crate::weights::human_bytes(have as f64)
-                    ),
-                ));
-            }
-        }
-        let vb = var_builder_where(&files.weights, Some(&keep), dtype, device, on_file)?;
-        let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, vb)
-            .map_err(|e| mismatch(&files.weights, e))?;
-        let vq_cfg = settings
-            .vq
-            .clone()
-            .unwrap_or_else(super::llamagen::VqConfig::chameleon_vqgan);
-        let vb = var_builder_where(
-            &files.vqgan,
-            Some(&|name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.")),
-            candle_core::DType::F32,
-            device,
-            on_file,
-        )?;
-        let vq =
-            super::llamagen::VqDecoder::load(&vq_cfg, vb).map_err(|e| mismatch(&files.vqgan, e))?;
+        // The cheap checks first: a bad tokenizer, vocabulary or grid is named before gigabytes
+        // of weights are read.
         let tokenizer = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| {
             WeightsError::Corrupt {
                 path: files.tokenizer.clone(),
@@ -713,6 +695,49 @@ impl LuminaMgpt {
                 "the vocabulary has no end-of-row token <reserved08799>".into(),
             )
         })?;
+        let vq_cfg = settings
+            .vq
+            .clone()
+            .unwrap_or_else(super::llamagen::VqConfig::chameleon_vqgan);
+        vq_cfg
+            .validate()
+            .map_err(|e| bad(&dir.join("zipar.json"), e))?;
+        let dtype = super::llamagen::gpt_dtype(device);
+        let keep = |name: &str| !name.starts_with("model.vqmodel.");
+        let decoder_only = |name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.");
+        if device.is_cpu() {
+            let need = memory_needed(
+                &gpt_cfg,
+                crate::weights::count_elements_where(&files.weights, &keep)?,
+                dtype.size_in_bytes() as u64,
+                grid,
+                (vq_params(&files.vqgan, &decoder_only), &vq_cfg),
+            );
+            if let Some(have) = crate::weights::available_memory()
+                && need > have
+            {
+                return Err(bad(
+                    &cfg_path,
+                    format!(
+                        "this model needs about {} (weights as {dtype:?}, KV cache, VQGAN) but only {} of memory is available",
+                        crate::weights::human_bytes(need as f64),
+                        crate::weights::human_bytes(have as f64)
+                    ),
+                ));
+            }
+        }
+        let vb = var_builder_where(&files.weights, Some(&keep), dtype, device, on_file)?;
+        let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, vb)
+            .map_err(|e| mismatch(&files.weights, e))?;
+        let vb = var_builder_where(
+            &files.vqgan,
+            Some(&decoder_only),
+            candle_core::DType::F32,
+            device,
+            on_file,
+        )?;
+        let vq =
+            super::llamagen::VqDecoder::load(&vq_cfg, vb).map_err(|e| mismatch(&files.vqgan, e))?;
         let decoder = Arc::new(super::llamagen::GridDecoder {
             vq: Arc::new(vq),
             grid,
@@ -750,11 +775,21 @@ mod tests {
         }
         .gpt_config(MAX_PROMPT)
         .expect("config");
-        let need = memory_needed(&cfg, 7_000_000_000, 2, (48, 48), 70_000_000);
+        let vq = crate::model::llamagen::VqConfig::chameleon_vqgan();
+        let need = memory_needed(&cfg, 7_000_000_000, 2, (48, 48), (70_000_000, &vq));
         // 14 GB of weights, 2 x 32 x 2 x (512 + 2352) x 4096 x 2 B = 3.0 GB of cache, 0.28 GB
+        // of VQGAN, 3 maps of 768 x 768 x 128 f32 = 0.91 GB of decoder activations
         let kv = 2 * 32 * 2 * (512 + 48 * 49) * 4096 * 2;
-        assert_eq!(need, 14_000_000_000 + kv + 280_000_000);
-        assert!((17.2e9..17.4e9).contains(&(need as f64)), "{need}");
+        let act = 3 * 768 * 768 * 128 * 4;
+        assert_eq!(need, 14_000_000_000 + kv + 280_000_000 + act);
+        assert!((18.1e9..18.3e9).contains(&(need as f64)), "{need}");
+        // grouped-query attention shrinks the cache: 8 key/value heads of 32
+        let gqa = GptConfig {
+            n_kv_head: Some(8),
+            ..cfg.clone()
+        };
+        let less = memory_needed(&gqa, 7_000_000_000, 2, (48, 48), (70_000_000, &vq));
+        assert_eq!(need - less, kv - kv / 4);
     }
 
     #[test]

@@ -34,11 +34,13 @@ pub struct GptConfig {
     /// RMSNorm epsilon.
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f64,
-    /// The transformer family: how the weights are named and what attention does.
-    #[serde(default)]
+    /// The transformer family: how the weights are named and what attention does. Set by the
+    /// loader of each family, never read from a LlamaGen manifest.
+    #[serde(skip)]
     pub family: Family,
     /// Key/value heads (grouped-query attention), dividing `n_head`; `n_head` when absent.
-    #[serde(default)]
+    /// Set by the Chameleon loader; LlamaGen's fused `wqkv` has as many as query heads.
+    #[serde(skip)]
     pub n_kv_head: Option<usize>,
 }
 
