@@ -16,7 +16,13 @@ fn load(max_prompt: usize, positions: usize) -> Gpt {
 
 fn load_from(name: &str, max_prompt: usize, positions: usize) -> Gpt {
     let dir = fixture(name);
-    let cfg = ChameleonConfig::read(&dir)
+    // Emu3's language model is read as a Llama-style decoder, the others as Chameleon.
+    let read = if name.contains("emu3") {
+        ChameleonConfig::read_llama
+    } else {
+        ChameleonConfig::read
+    };
+    let cfg = read(&dir)
         .and_then(|c| c.gpt_config(max_prompt))
         .expect("config");
     let vb = zipar_studio::weights::var_builder(
@@ -31,8 +37,9 @@ fn load_from(name: &str, max_prompt: usize, positions: usize) -> Gpt {
 #[test]
 fn chameleon_logits_match_transformers() {
     // 4 heads each with its own keys and values, then grouped-query attention (2 key/value
-    // heads serving 2 query heads each).
-    for name in ["tiny_chameleon", "tiny_chameleon_gqa"] {
+    // heads serving 2 query heads each); then Emu3-Gen's language model (a Llama decoder: no
+    // query/key norms, grouped-query attention, RoPE base 1e6; training/make_emu3_fixture.py).
+    for name in ["tiny_chameleon", "tiny_chameleon_gqa", "tiny_emu3_lm"] {
         logits_match(name);
     }
 }

@@ -23,7 +23,8 @@ use super::{Condition, ImageArModel, ImageDecoder, ModelInput, PassLogits, RunOp
 use crate::decode::schedule::Layout;
 use crate::weights::WeightsError;
 
-/// The parts of a Hugging Face `ChameleonConfig` the product reads.
+/// The parts of a Hugging Face `ChameleonConfig` the product reads (the same fields serve
+/// Llama-style decoders such as Emu3-Gen's language model, see [`ChameleonConfig::read_llama`]).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChameleonConfig {
     /// Must be `"chameleon"`.
@@ -74,14 +75,25 @@ fn default_theta() -> f32 {
 impl ChameleonConfig {
     /// Reads `dir/config.json`.
     pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        Self::read_as(dir, &["chameleon"])
+    }
+
+    /// Reads `dir/config.json` of a Llama-style decoder: Emu3-Gen's language model
+    /// (`"Emu3"` in BAAI's release, `"emu3_text_model"` in transformers) or a Llama; its
+    /// [`gpt_config`](Self::gpt_config) has [`Family::Llama`].
+    pub fn read_llama(dir: &Path) -> anyhow::Result<Self> {
+        Self::read_as(dir, &["Emu3", "emu3", "emu3_text_model", "llama"])
+    }
+
+    fn read_as(dir: &Path, types: &[&str]) -> anyhow::Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a Chameleon config: {e}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{} is not a {} config: {e}", path.display(), types[0]))?;
         anyhow::ensure!(
-            cfg.model_type == "chameleon",
-            "{}: model_type is {:?}, not \"chameleon\"",
+            types.contains(&cfg.model_type.as_str()),
+            "{}: model_type is {:?}, not one of {types:?}",
             path.display(),
             cfg.model_type
         );
@@ -124,7 +136,11 @@ impl ChameleonConfig {
             multiple_of: 1,
             rope_base: self.rope_theta,
             norm_eps: self.rms_norm_eps,
-            family: Family::Chameleon,
+            family: if self.model_type == "chameleon" {
+                Family::Chameleon
+            } else {
+                Family::Llama
+            },
             n_kv_head: Some(kv),
         })
     }

@@ -57,6 +57,9 @@ pub enum Family {
     /// and keys with per-head scale and shift, 1-D RoPE (rotate-half) by position, a prompt of
     /// tokens as the condition.
     Chameleon,
+    /// A Llama decoder as Hugging Face names it (Emu3-Gen's language model): Chameleon's
+    /// layout without the query/key norms.
+    Llama,
 }
 
 fn default_cls_token_num() -> usize {

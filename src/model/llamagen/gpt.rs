@@ -155,7 +155,7 @@ impl Attention {
         };
         let rope = match self.family {
             Family::LlamaGen => rope2d::apply,
-            Family::Chameleon => rope2d::apply_rotate_half,
+            Family::Chameleon | Family::Llama => rope2d::apply_rotate_half,
         };
         let q = rope(&split(0)?, &ctx.cos, &ctx.sin)?;
         let key = rope(&split(1)?, &ctx.cos, &ctx.sin)?;
@@ -216,7 +216,7 @@ impl Attention {
 
 impl Block {
     fn load(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.family == Family::Chameleon {
+        if cfg.family != Family::LlamaGen {
             return Self::load_chameleon(cfg, vb);
         }
         let dim = cfg.dim;
@@ -243,9 +243,10 @@ impl Block {
         })
     }
 
-    /// A Chameleon decoder layer under Hugging Face's names (`self_attn.{q,k,v,o}_proj`,
-    /// `self_attn.{q,k}_norm`, `mlp.{gate,up,down}_proj`, `input_layernorm`,
-    /// `post_attention_layernorm`); q, k and v are stacked into one projection.
+    /// A Chameleon or Llama decoder layer under Hugging Face's names
+    /// (`self_attn.{q,k,v,o}_proj`, Chameleon's `self_attn.{q,k}_norm`,
+    /// `mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`); q, k and v
+    /// are stacked into one projection.
     fn load_chameleon(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
         let (dim, hidden, hd) = (cfg.dim, cfg.ffn_hidden(), cfg.head_dim());
         let kv_dim = cfg.kv_heads() * hd;
@@ -265,11 +266,14 @@ impl Block {
                 n_head: cfg.n_head,
                 n_kv_head: cfg.kv_heads(),
                 head_dim: hd,
-                qk_norm: Some((
-                    HeadNorm::load(cfg.n_head, hd, attn.pp("q_norm"))?,
-                    HeadNorm::load(cfg.kv_heads(), hd, attn.pp("k_norm"))?,
-                )),
-                family: Family::Chameleon,
+                qk_norm: match cfg.family {
+                    Family::Chameleon => Some((
+                        HeadNorm::load(cfg.n_head, hd, attn.pp("q_norm"))?,
+                        HeadNorm::load(cfg.kv_heads(), hd, attn.pp("k_norm"))?,
+                    )),
+                    _ => None,
+                },
+                family: cfg.family,
             },
             feed_forward: FeedForward {
                 w1: Dense::load(dim, hidden, mlp.pp("gate_proj"))?,
@@ -390,7 +394,7 @@ fn pass_attention(
 impl Gpt {
     /// Builds the model for an `h x w` grid from weights with LlamaGen's key names.
     pub fn load(cfg: &GptConfig, h: usize, w: usize, vb: VarBuilder) -> Result<Self> {
-        if cfg.family == Family::Chameleon {
+        if cfg.family != Family::LlamaGen {
             return Self::load_chameleon(cfg, h, w, vb);
         }
         let dim = cfg.dim;
@@ -433,10 +437,10 @@ impl Gpt {
         })
     }
 
-    /// A Chameleon language model under Hugging Face's names (`model.embed_tokens`,
-    /// `model.layers.N`, `model.norm`, `lm_head`), for prompts of up to `cfg.cls_token_num`
-    /// tokens followed by `h x w` positions. Other weights in the file (the VQ encoder's) are
-    /// not read.
+    /// A Chameleon or Llama language model (`cfg.family`) under Hugging Face's names
+    /// (`model.embed_tokens`, `model.layers.N`, `model.norm`, `lm_head`), for prompts of up to
+    /// `cfg.cls_token_num` tokens followed by `h x w` positions. Other weights in the file (the
+    /// VQ encoder's) are not read.
     pub fn load_chameleon(cfg: &GptConfig, h: usize, w: usize, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.dim;
         let m = vb.pp("model");
