@@ -296,26 +296,7 @@ fn a_lumina_folder_generates_from_a_text_prompt_through_the_cli() {
     let t = &r["text"];
     let dir = tempfile_dir("lumina-cli");
     let (trace, png) = (dir.join("trace.json"), dir.join("out.png"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
-        .args(["generate", "--model"])
-        .arg(fixture("tiny_chameleon"))
-        .args(["--prompt", t["prompt"].as_str().expect("prompt")])
-        .args([
-            "--mode", "zipar", "--window", "3", "--greedy", "--quiet", "--cfg", "1",
-        ])
-        .arg("--trace")
-        .arg(&trace)
-        .arg("--out")
-        .arg(&png)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tr: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
+    let tr = generate_trace(t["prompt"].as_str().expect("prompt"), "1", &trace, &png);
     assert_eq!(u32s(&tr["tokens"]), u32s(&t["codes"]));
     assert_eq!(tr["passes"], t["passes"]);
     let img = image::open(&png).expect("png");
@@ -323,26 +304,7 @@ fn a_lumina_folder_generates_from_a_text_prompt_through_the_cli() {
     // With classifier-free guidance (scale 3): the unconditional half is the official code's
     // [0, 1, ..., 1, image start, grid tokens] prompt, same positions.
     let c = &t["cfg"];
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
-        .args(["generate", "--model"])
-        .arg(fixture("tiny_chameleon"))
-        .args(["--prompt", t["prompt"].as_str().expect("prompt")])
-        .args([
-            "--mode", "zipar", "--window", "3", "--greedy", "--quiet", "--cfg", "3",
-        ])
-        .arg("--trace")
-        .arg(&trace)
-        .arg("--out")
-        .arg(&png)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tr: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
+    let tr = generate_trace(t["prompt"].as_str().expect("prompt"), "3", &trace, &png);
     assert_eq!(u32s(&tr["tokens"]), u32s(&c["codes"]));
     assert_ne!(
         u32s(&c["codes"]),
@@ -388,6 +350,31 @@ fn a_lumina_folder_without_its_decoder_is_named() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `generate` on tiny_chameleon through the binary (ZipAR-3, greedy, CFG `cfg`): its trace.
+fn generate_trace(
+    prompt: &str,
+    cfg: &str,
+    trace: &std::path::Path,
+    png: &std::path::Path,
+) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
+        .args(["generate", "--model"])
+        .arg(fixture("tiny_chameleon"))
+        .args(["--prompt", prompt, "--mode", "zipar", "--window", "3"])
+        .args(["--greedy", "--quiet", "--cfg", cfg, "--trace"])
+        .arg(trace)
+        .arg("--out")
+        .arg(png)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(trace).expect("trace")).expect("json")
 }
 
 fn tempfile_dir(name: &str) -> std::path::PathBuf {

@@ -29,6 +29,35 @@ WORDS = ["Generate", "an", "image", "of", "according", "to", "the", "following",
          "red", "apple", "cat", "64x64"]
 
 
+def randomise_hf(model, seed: int):
+    """Random weights that make a tiny model's logits spread: norm scales near 1, norm shifts
+    and everything else Gaussian (transformers' own init is too flat to tell code paths apart)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def tiny_chameleon(vocab, kv_heads: int, seed: int):
+    """A 2-layer Chameleon of width 48 with 4 query heads over `vocab`, randomised."""
+    cfg = ChameleonConfig(
+        vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=10000.0, vocabulary_map=vocab,
+        vq_config={"embed_dim": 4, "num_embeddings": IMAGE_CODES, "latent_channels": 4,
+                   "resolution": 16, "in_channels": 3, "base_channels": 32,
+                   "channel_multiplier": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
+    )
+    model = ChameleonForConditionalGeneration(cfg).eval()
+    randomise_hf(model, seed)
+    return model
+
+
 def image_token_name(code: int) -> str:
     """Chameleon's BPE name of VQ code `code`: IMGIMG, its decimal digits as letters A-J, Z."""
     return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
@@ -44,24 +73,7 @@ def main():
     order = torch.randperm(IMAGE_CODES, generator=torch.Generator().manual_seed(7)).tolist()
     for bpe, code in enumerate(order, start=24):
         vocab[image_token_name(code)] = bpe
-    cfg = ChameleonConfig(
-        vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, vocabulary_map=vocab,
-        vq_config={"embed_dim": 4, "num_embeddings": IMAGE_CODES, "latent_channels": 4,
-                   "resolution": 16, "in_channels": 3, "base_channels": 32,
-                   "channel_multiplier": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
-    )
-    model = ChameleonForConditionalGeneration(cfg).eval()
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("norm.bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model = tiny_chameleon(vocab, kv_heads=4, seed=11)
     d = os.path.join(OUT, "tiny_chameleon")
     os.makedirs(d, exist_ok=True)
     model.save_pretrained(d, safe_serialization=True)
@@ -275,24 +287,8 @@ def write_gqa():
 
     torch.manual_seed(1)
     vocab = json.load(open(os.path.join(OUT, "tiny_chameleon", "config.json")))["vocabulary_map"]
-    cfg = ChameleonConfig(
-        vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, vocabulary_map=vocab,
-        vq_config={"embed_dim": 4, "num_embeddings": IMAGE_CODES, "latent_channels": 4,
-                   "resolution": 16, "in_channels": 3, "base_channels": 32,
-                   "channel_multiplier": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
-    )
-    model = ChameleonForConditionalGeneration(cfg).eval()
-    gen = torch.Generator().manual_seed(12)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("norm.bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model = tiny_chameleon(vocab, kv_heads=2, seed=12)
+    cfg = model.config
     d = os.path.join(OUT, "tiny_chameleon_gqa")
     os.makedirs(d, exist_ok=True)
     cfg.save_pretrained(d)

@@ -11,6 +11,7 @@ import os
 import torch
 from transformers import Emu3ForCausalLM, Emu3TextConfig
 
+from make_chameleon_fixture import randomise_hf
 from make_fixtures import OUT, rounded
 
 
@@ -22,13 +23,7 @@ def main():
         rms_norm_eps=1e-5, rope_theta=1000000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     model = Emu3ForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(21)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    randomise_hf(model, 21)
     d = os.path.join(OUT, "tiny_emu3_lm")
     os.makedirs(d, exist_ok=True)
     model.save_pretrained(d, safe_serialization=True)
