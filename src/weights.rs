@@ -73,6 +73,9 @@ pub enum ModelKind {
     /// Lumina-mGPT (Chameleon), a Hugging Face folder: its `config.json` has no `kind`, but
     /// `"model_type": "chameleon"`.
     LuminaMgpt,
+    /// Emu3-Gen, a folder as transformers saves `Emu3ForConditionalGeneration`: its
+    /// `config.json` has `"model_type": "emu3"`.
+    Emu3Gen,
 }
 
 /// What every model folder's `config.json` says first: its architecture and name. The
@@ -104,11 +107,15 @@ pub fn read_header(dir: &Path) -> Result<ModelHeader, WeightsError> {
     };
     let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    if value.get("kind").is_none() && value.get("model_type") == Some(&"chameleon".into()) {
-        return Ok(ModelHeader {
-            kind: ModelKind::LuminaMgpt,
-            name: None,
-        });
+    if value.get("kind").is_none() {
+        let kind = match value.get("model_type").and_then(|t| t.as_str()) {
+            Some("chameleon") => Some(ModelKind::LuminaMgpt),
+            Some("emu3") => Some(ModelKind::Emu3Gen),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            return Ok(ModelHeader { kind, name: None });
+        }
     }
     serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }

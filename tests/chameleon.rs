@@ -123,11 +123,25 @@ fn chameleon_image_vocabulary_and_refusals() {
     assert!(err(Condition::Class(1), opts).contains("prompt of tokens"));
     let cfg_on = RunOptions { cfg: true, ..opts };
     assert!(err(Condition::Tokens(vec![1]), cfg_on).contains("unconditional prompt"));
-    let pair = Condition::TokenPair {
-        cond: vec![1, 2, 3],
-        uncond: vec![0, 1],
+    // Prompts of different lengths: the shorter is padded and hidden, and each half gives the
+    // logits it gives alone (RoPE sees only distances).
+    let alone = |ids: &[u32]| {
+        let (_, out) = gpt
+            .start(&Condition::Tokens(ids.to_vec()), opts, None)
+            .expect("prefill");
+        out.cond[0].clone()
     };
-    assert!(err(pair, cfg_on).contains("share positions"));
+    for (cond, uncond) in [(vec![1, 2, 3], vec![7, 9]), (vec![5], vec![0, 1, 2, 3])] {
+        let pair = Condition::TokenPair {
+            cond: cond.clone(),
+            uncond: uncond.clone(),
+        };
+        let (_, out) = gpt.start(&pair, cfg_on, None).expect("pair");
+        let uncond_rows = out.uncond.expect("uncond");
+        let d = max_abs_diff(&out.cond[0], &alone(&cond));
+        let du = max_abs_diff(&uncond_rows[0], &alone(&uncond));
+        assert!(d < 1e-4 && du < 1e-4, "{cond:?} / {uncond:?}: {d} {du}");
+    }
     // Key/value heads that do not divide the query heads are refused with the numbers.
     let mut gqa = cfg.clone();
     gqa.num_key_value_heads = Some(3);
@@ -141,7 +155,7 @@ fn chameleon_image_vocabulary_and_refusals() {
 
 /// Lumina-mGPT's image model on the fixture: the Chameleon GPT over 3 rows of 4 image tokens
 /// plus the end-of-row token, the tiny taming VQGAN as its decoder (also 40 codes).
-fn lumina(r: &serde_json::Value) -> zipar_studio::model::chameleon::LuminaMgpt {
+fn lumina(r: &serde_json::Value) -> zipar_studio::model::end_of_row::EndOfRowLm {
     use std::sync::Arc;
     use zipar_studio::model::llamagen::{GridDecoder, VqConfig, VqDecoder};
     let z = &r["zipar"];
@@ -167,7 +181,7 @@ fn lumina(r: &serde_json::Value) -> zipar_studio::model::chameleon::LuminaMgpt {
     )
     .expect("vq weights");
     let vq = Arc::new(VqDecoder::load(&vq_cfg, vb).expect("vq"));
-    zipar_studio::model::chameleon::LuminaMgpt::new(
+    zipar_studio::model::end_of_row::EndOfRowLm::new(
         gpt,
         cc.image_vocabulary().expect("vocabulary"),
         z["eol"].as_u64().expect("eol") as u32,

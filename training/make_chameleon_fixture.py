@@ -99,10 +99,14 @@ def main():
 
 
 class CachedChameleon:
-    def __init__(self, model):
-        self.m = model.model
+    """Also serves Llama-style decoders (Emu3's text model): no query/key norms, grouped-query
+    attention, the rotary embedding on the model instead of each attention module."""
+
+    def __init__(self, model, text_model=None, rope=None):
+        self.m = text_model if text_model is not None else model.model
         self.lm_head = model.lm_head
-        self.cache = [dict() for _ in self.m.layers]  # per layer: position -> (k [H, D], v [H, D])
+        self.rope = rope
+        self.cache = [dict() for _ in self.m.layers]  # per layer: position -> (k [Hkv, D], v [Hkv, D])
 
     @torch.no_grad()
     def feed(self, tokens, positions):
@@ -117,19 +121,27 @@ class CachedChameleon:
         for layer, cache in zip(self.m.layers, self.cache):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            nh, hd = a.num_heads, a.head_dim
-            q = a.q_norm(a.q_proj(h).reshape(k_in, nh, hd)).transpose(0, 1)[None]
-            k = a.k_norm(a.k_proj(h).reshape(k_in, nh, hd)).transpose(0, 1)[None]
-            v = a.v_proj(h).reshape(k_in, nh, hd).transpose(0, 1)[None]
-            cos, sin = a.rotary_emb(v, pos)
+            hd = a.head_dim
+            nh = a.q_proj.out_features // hd
+            nkv = a.k_proj.out_features // hd
+            q = a.q_proj(h).reshape(k_in, nh, hd)
+            k = a.k_proj(h).reshape(k_in, nkv, hd)
+            if hasattr(a, "q_norm"):
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = q.transpose(0, 1)[None], k.transpose(0, 1)[None]
+            v = a.v_proj(h).reshape(k_in, nkv, hd).transpose(0, 1)[None]
+            rope = self.rope if self.rope is not None else a.rotary_emb
+            cos, sin = rope(v, pos)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             for i, p in enumerate(positions):
                 cache[p] = (k[0, :, i], v[0, :, i])
             outs = []
             for i, p in enumerate(positions):
                 seen = sorted(pp for pp in cache if pp <= p)
-                keys = torch.stack([cache[pp][0] for pp in seen], dim=1)  # [H, n, D]
+                keys = torch.stack([cache[pp][0] for pp in seen], dim=1)  # [Hkv, n, D]
                 vals = torch.stack([cache[pp][1] for pp in seen], dim=1)
+                keys = keys.repeat_interleave(nh // nkv, dim=0)
+                vals = vals.repeat_interleave(nh // nkv, dim=0)
                 att = torch.softmax((q[0, :, i : i + 1] @ keys.transpose(1, 2)) * a.scaling, dim=-1)
                 outs.append((att @ vals).reshape(nh * hd))
             x = x + a.o_proj(torch.stack(outs))
@@ -171,12 +183,18 @@ def unconditional_prompt(ids, image_start):
     return [0 if i == 0 else 1 if i < text else t for i, t in enumerate(ids)]
 
 
-def greedy_zipar(model, prompt, h, w, s, eol, img_bpe, cfg=1.0, uncond=None):
+def greedy_zipar(model, prompt, h, w, s, eol, img_bpe, cfg=1.0, uncond=None, cached=CachedChameleon,
+                 log_softmax=False):
     """Greedy tokens (VQ codes, raster order) and pass count of ZipAR-s on an h x w grid; with
-    cfg > 1, logits = u + (c - u) * cfg from a second cache fed the unconditional prompt."""
+    cfg > 1, logits = u + (c - u) * cfg from a second cache fed the unconditional prompt, which
+    may be of another length (Emu3's negative prompt: that cache holds the image entries after
+    its own prompt, as transformers' unbatched guidance feeds them); `log_softmax` guides the
+    log-probabilities instead of the logits, as Emu3's sampler does. `cached(model)` builds a
+    cache."""
     t = len(prompt)
-    cm = CachedChameleon(model)
-    um = CachedChameleon(model) if cfg > 1.0 else None
+    cm = cached(model)
+    um = cached(model) if cfg > 1.0 else None
+    shift = len(uncond) - t if um is not None else 0
     bpe_to_code = {b: c for c, b in enumerate(img_bpe)}
     grid = [[None] * w for _ in range(h)]
     passes = zipar_end_of_row(h, w, s)
@@ -194,8 +212,16 @@ def greedy_zipar(model, prompt, h, w, s, eol, img_bpe, cfg=1.0, uncond=None):
                 poss.append(t + f[1] * (w + 1) + f[2])
         logits = cm.feed(toks, poss)
         if um is not None:
-            utoks = list(uncond) + toks[t:] if feeds[0][0] == "prefill" else toks
-            u = um.feed(utoks, poss)
+            if feeds[0][0] == "prefill":
+                utoks = list(uncond) + toks[t:]
+                uposs = list(range(len(uncond))) + [p + shift for p in poss[t:]]
+            else:
+                utoks, uposs = toks, [p + shift for p in poss]
+            u = um.feed(utoks, uposs)
+            if feeds[0][0] == "prefill":  # the two prompts' last entries
+                logits, u = logits[-1:], u[-1:]
+            if log_softmax:
+                logits, u = torch.log_softmax(logits, -1), torch.log_softmax(u, -1)
             logits = u + (logits - u) * cfg
         # the rows that wanted logits: the prefill's last entry, else every feed but a "last"
         if feeds[0][0] == "prefill":

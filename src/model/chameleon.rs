@@ -7,10 +7,10 @@
 //! the image vocabulary: Chameleon's BPE vocabulary holds the 8192 VQGAN codes as tokens named
 //! `IMGIMG<digits as letters A-J>Z`, in an order of their own.
 //!
-//! [`LuminaMgpt`] drives it as an image model: the end-of-row layout, codes in and out. Not
-//! built yet (issue "Lumina-mGPT and Emu3-Gen"): the prompt template and tokenizer,
-//! classifier-free guidance, and the registry entry that opens a Hugging Face folder. The image
-//! decoder is `llamagen::VqDecoder` with `VqStyle::Taming`.
+//! [`load_lumina`] opens a Lumina-mGPT folder as an [`EndOfRowLm`] (the end-of-row layout,
+//! codes in and out) with Lumina-mGPT's prompt template ([`PromptTemplate`]) and
+//! classifier-free guidance. The image decoder is `llamagen::VqDecoder` with
+//! `VqStyle::Taming`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,9 +18,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::llamagen::{Family, Gpt, GptConfig, Session};
-use super::{Condition, ImageArModel, ImageDecoder, ModelInput, PassLogits, RunOptions};
-use crate::decode::schedule::Layout;
+use super::end_of_row::{EndOfRowLm, TextPrompt};
+use super::llamagen::{Family, Gpt, GptConfig};
 use crate::weights::WeightsError;
 
 /// The parts of a Hugging Face `ChameleonConfig` the product reads (the same fields serve
@@ -147,7 +146,7 @@ impl ChameleonConfig {
 
     /// The image vocabulary from `vocabulary_map`.
     pub fn image_vocabulary(&self) -> anyhow::Result<ImageVocabulary> {
-        ImageVocabulary::from_names(&self.vocabulary_map)
+        ImageVocabulary::from_names(&self.vocabulary_map, image_code, "IMGIMG...")
     }
 }
 
@@ -177,11 +176,16 @@ pub struct ImageVocabulary {
 }
 
 impl ImageVocabulary {
-    /// From token names to ids; the codes must be exactly `0..n`.
-    pub fn from_names(map: &HashMap<String, u32>) -> anyhow::Result<Self> {
+    /// From token names to ids, with `code_of` reading the code of an image token's name
+    /// (`what` names them in errors); the codes must be exactly `0..n`.
+    pub fn from_names(
+        map: &HashMap<String, u32>,
+        code_of: fn(&str) -> Option<u32>,
+        what: &str,
+    ) -> anyhow::Result<Self> {
         let mut to_code = HashMap::new();
         for (name, &id) in map {
-            if let Some(code) = image_code(name) {
+            if let Some(code) = code_of(name) {
                 anyhow::ensure!(
                     to_code.insert(id, code).is_none(),
                     "token id {id} has two image names"
@@ -189,7 +193,7 @@ impl ImageVocabulary {
             }
         }
         let n = to_code.len();
-        anyhow::ensure!(n > 0, "the vocabulary map has no image tokens (IMGIMG...)");
+        anyhow::ensure!(n > 0, "the vocabulary map has no image tokens ({what})");
         let mut to_bpe = vec![u32::MAX; n];
         for (&id, &code) in &to_code {
             let slot = to_bpe.get_mut(code as usize).ok_or_else(|| {
@@ -231,30 +235,6 @@ impl ImageVocabulary {
     }
 }
 
-/// Lumina-mGPT's image generation as an [`ImageArModel`]: a Chameleon GPT conditioned on a
-/// prompt of tokens (ending with the image prefix, so that the prefill predicts the first image
-/// token), an `h x w` grid whose rows each end with an end-of-row token, and the image tokens
-/// exposed as VQGAN codes (the model maps them to and from its BPE ids, and returns the logits of
-/// the image tokens only, in code order, as Lumina-mGPT samples only image tokens inside the
-/// image).
-///
-/// Unwritten positions are always hidden: the official Lumina-mGPT ZipAR keeps a compact cache
-/// of the entries written so far, so a query sees exactly the written entries at positions up
-/// to its own (tests/chameleon.rs checks greedy tokens against that reference).
-pub struct LuminaMgpt {
-    gpt: Gpt,
-    session: Option<Session>,
-    vocab: ImageVocabulary,
-    eol: u32,
-    grid: (usize, usize),
-    decoder: Arc<dyn ImageDecoder>,
-    /// Turns a text prompt into tokens (a model opened from a folder has one).
-    template: Option<PromptTemplate>,
-    /// The image-start token `<racm3:break>`, where the unconditional prompt rejoins the
-    /// conditional one.
-    image_start: Option<u32>,
-}
-
 /// The unconditional prompt of classifier-free guidance as the official Lumina-mGPT ZipAR code
 /// builds it: the same length as the prompt, token 0 and then token 1 in place of every prompt
 /// token before the image start, the image start and grid-size tokens kept (the official code
@@ -270,136 +250,6 @@ pub fn unconditional_prompt(ids: &[u32], image_start: Option<u32>) -> Vec<u32> {
             i => ids[i],
         })
         .collect()
-}
-
-impl LuminaMgpt {
-    /// From a Chameleon GPT loaded for `h` rows of `w + 1` positions (image tokens and the
-    /// end-of-row token), its image vocabulary, the end-of-row token id and the image decoder.
-    pub fn new(
-        gpt: Gpt,
-        vocab: ImageVocabulary,
-        eol: u32,
-        decoder: Arc<dyn ImageDecoder>,
-    ) -> anyhow::Result<Self> {
-        let (h, w1) = gpt.grid();
-        anyhow::ensure!(
-            w1 >= 2,
-            "the GPT must be loaded for rows of w + 1 positions"
-        );
-        let grid = (h, w1 - 1);
-        anyhow::ensure!(
-            decoder.grid() == grid,
-            "the image decoder is for a {:?} grid, the model for {grid:?}",
-            decoder.grid()
-        );
-        anyhow::ensure!(
-            decoder.codebook_size() == vocab.len(),
-            "the image decoder has {} codes, the model's vocabulary {} image tokens",
-            decoder.codebook_size(),
-            vocab.len()
-        );
-        anyhow::ensure!(
-            vocab.code(eol).is_none(),
-            "the end-of-row token {eol} is an image token"
-        );
-        Ok(Self {
-            gpt,
-            session: None,
-            vocab,
-            eol,
-            grid,
-            decoder,
-            template: None,
-            image_start: None,
-        })
-    }
-
-    fn image_logits(&self, out: PassLogits) -> PassLogits {
-        let map = |rows: Vec<Vec<f32>>| -> Vec<Vec<f32>> {
-            rows.iter().map(|r| self.vocab.image_logits(r)).collect()
-        };
-        PassLogits {
-            cond: map(out.cond),
-            uncond: out.uncond.map(map),
-        }
-    }
-}
-
-impl ImageArModel for LuminaMgpt {
-    fn grid(&self) -> (usize, usize) {
-        self.grid
-    }
-
-    fn layout(&self) -> Layout {
-        Layout::EndOfRow
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.vocab.len()
-    }
-
-    fn separator_token(&self) -> Option<u32> {
-        // One past the codes: mapped to the end-of-row token id when fed.
-        Some(self.vocab.len() as u32)
-    }
-
-    fn prefill(&mut self, cond: &Condition, opts: RunOptions) -> anyhow::Result<PassLogits> {
-        self.session = None;
-        let opts = RunOptions {
-            mask_unwritten: true,
-            ..opts
-        };
-        let ids = match (cond, &self.template) {
-            (Condition::Text(prompt), Some(t)) => t.encode(prompt)?,
-            (Condition::Text(_), None) => {
-                anyhow::bail!("this model has no tokenizer to encode the prompt with")
-            }
-            (Condition::Tokens(ids), _) => ids.clone(),
-            _ => anyhow::bail!("Lumina-mGPT takes a text prompt"),
-        };
-        let cond = if opts.cfg {
-            Condition::TokenPair {
-                uncond: unconditional_prompt(&ids, self.image_start),
-                cond: ids,
-            }
-        } else {
-            Condition::Tokens(ids)
-        };
-        let cond = &cond;
-        let (session, out) = self.gpt.start(cond, opts, None)?;
-        self.session = Some(session);
-        Ok(self.image_logits(out))
-    }
-
-    fn step(&mut self, inputs: &[ModelInput]) -> anyhow::Result<PassLogits> {
-        let sep = self.vocab.len() as u32;
-        let inputs = inputs
-            .iter()
-            .map(|i| {
-                let token = if i.token == sep {
-                    self.eol
-                } else {
-                    self.vocab.bpe(i.token).ok_or_else(|| {
-                        anyhow::anyhow!("code {} is outside the {} image codes", i.token, sep)
-                    })?
-                };
-                Ok(ModelInput { token, ..*i })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let Some(session) = self.session.as_mut() else {
-            anyhow::bail!("step called before prefill");
-        };
-        let out = self.gpt.step(session, &inputs)?;
-        Ok(self.image_logits(out))
-    }
-
-    fn wide_passes_are_cheap(&self) -> bool {
-        !self.gpt.device().is_cpu()
-    }
-
-    fn image_decoder(&self) -> Arc<dyn ImageDecoder> {
-        self.decoder.clone()
-    }
 }
 
 /// The longest prompt (template included) a Lumina-mGPT run takes, in tokens.
@@ -427,14 +277,19 @@ pub fn memory_needed(
     vq: (u64, &super::llamagen::VqConfig),
 ) -> u64 {
     let (vq_params, vq_cfg) = vq;
-    let positions = (MAX_PROMPT + grid.0 * (grid.1 + 1)) as u64;
-    let kv_width = (cfg.kv_heads() * cfg.head_dim()) as u64;
-    let kv = 2 * cfg.n_layer as u64 * 2 * positions * kv_width * dtype_bytes;
     // The decoder's largest activations: about three full-resolution maps of its last level.
     let side = vq_cfg.downsample() as u64;
     let pixels = grid.0 as u64 * side * grid.1 as u64 * side;
     let activations = 3 * pixels * (vq_cfg.ch * vq_cfg.ch_mult[0]) as u64 * 4;
-    params * dtype_bytes + kv + vq_params * 4 + activations
+    params * dtype_bytes + kv_cache_bytes(cfg, dtype_bytes, grid) + vq_params * 4 + activations
+}
+
+/// The KV cache of an end-of-row run: both CFG halves, K and V, every layer, for the longest
+/// prompt and an `h x w` grid with end-of-row tokens, sized by the key/value heads.
+pub fn kv_cache_bytes(cfg: &GptConfig, dtype_bytes: u64, grid: (usize, usize)) -> u64 {
+    let positions = (MAX_PROMPT + grid.0 * (grid.1 + 1)) as u64;
+    let kv_width = (cfg.kv_heads() * cfg.head_dim()) as u64;
+    2 * cfg.n_layer as u64 * 2 * positions * kv_width * dtype_bytes
 }
 
 /// The VQGAN decoder's parameters: from the safetensors header, or for a pickled checkpoint
@@ -669,101 +524,105 @@ impl PromptTemplate {
     }
 }
 
-impl LuminaMgpt {
-    /// Loads a Lumina-mGPT folder onto `device`: Hugging Face's `config.json`, weights and
-    /// `tokenizer.json`, the VQGAN as `vqgan.safetensors`, and the optional `zipar.json`
-    /// ([`LuminaSettings`]). The VQ encoder's weights in the checkpoint are not read.
-    pub fn load_with(
-        dir: &Path,
-        device: &candle_core::Device,
-        on_file: crate::weights::OnFile,
-    ) -> Result<Self, WeightsError> {
-        use crate::weights::{mismatch, var_builder_where};
-        let bad = |path: &Path, msg: String| WeightsError::BadManifest {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let cfg_path = dir.join("config.json");
-        let cfg = ChameleonConfig::read(dir).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
-        let settings = LuminaSettings::read(dir)?;
-        let grid = settings.grid(dir)?;
-        let files = LuminaFiles::find(dir)?;
-        let gpt_cfg = cfg
-            .gpt_config(MAX_PROMPT)
-            .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
-        // The cheap checks first: a bad tokenizer, vocabulary or grid is named before gigabytes
-        // of weights are read.
-        let tokenizer = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| {
-            WeightsError::Corrupt {
-                path: files.tokenizer.clone(),
-                msg: format!("not a tokenizer: {e}"),
-            }
-        })?;
-        let template =
-            PromptTemplate::new(tokenizer, &cfg.vocabulary_map, settings.image_size, grid)
-                .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
-        let vocab = cfg
-            .image_vocabulary()
-            .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
-        let eol = *cfg.vocabulary_map.get("<reserved08799>").ok_or_else(|| {
-            bad(
-                &cfg_path,
-                "the vocabulary has no end-of-row token <reserved08799>".into(),
-            )
-        })?;
-        let vq_cfg = settings
-            .vq
-            .clone()
-            .unwrap_or_else(super::llamagen::VqConfig::chameleon_vqgan);
-        vq_cfg
-            .validate()
-            .map_err(|e| bad(&dir.join("zipar.json"), e))?;
-        let dtype = super::llamagen::gpt_dtype(device);
-        let keep = |name: &str| !name.starts_with("model.vqmodel.");
-        let decoder_only = |name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.");
-        if device.is_cpu() {
-            let need = memory_needed(
-                &gpt_cfg,
-                crate::weights::count_elements_where(&files.weights, &keep)?,
-                dtype.size_in_bytes() as u64,
-                grid,
-                (vq_params(&files.vqgan, &decoder_only), &vq_cfg),
-            );
-            if let Some(have) = crate::weights::available_memory()
-                && need > have
-            {
-                return Err(bad(
-                    &cfg_path,
-                    format!(
-                        "this model needs about {} (weights as {dtype:?}, KV cache, VQGAN) but only {} of memory is available",
-                        crate::weights::human_bytes(need as f64),
-                        crate::weights::human_bytes(have as f64)
-                    ),
-                ));
-            }
-        }
-        let vb = var_builder_where(&files.weights, Some(&keep), dtype, device, on_file)?;
-        let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, vb)
-            .map_err(|e| mismatch(&files.weights, e))?;
-        let vb = var_builder_where(
-            &files.vqgan,
-            Some(&decoder_only),
-            candle_core::DType::F32,
-            device,
-            on_file,
-        )?;
-        let vq =
-            super::llamagen::VqDecoder::load(&vq_cfg, vb).map_err(|e| mismatch(&files.vqgan, e))?;
-        let decoder = Arc::new(super::llamagen::GridDecoder {
-            vq: Arc::new(vq),
-            grid,
-        });
-        let mut model =
-            Self::new(gpt, vocab, eol, decoder).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
-        model.image_start = Some(template.image_start);
-        model.template = Some(template);
-        Ok(model)
+impl TextPrompt for PromptTemplate {
+    fn encode(&self, prompt: &str) -> anyhow::Result<Vec<u32>> {
+        PromptTemplate::encode(self, prompt)
     }
+
+    fn unconditional(&self, ids: &[u32]) -> anyhow::Result<Vec<u32>> {
+        Ok(unconditional_prompt(ids, Some(self.image_start)))
+    }
+}
+
+/// Loads a Lumina-mGPT folder onto `device`: Hugging Face's `config.json`, weights and
+/// `tokenizer.json`, the VQGAN as `vqgan.safetensors`, and the optional `zipar.json`
+/// ([`LuminaSettings`]). The VQ encoder's weights in the checkpoint are not read.
+pub fn load_lumina(
+    dir: &Path,
+    device: &candle_core::Device,
+    on_file: crate::weights::OnFile,
+) -> Result<EndOfRowLm, WeightsError> {
+    use crate::weights::{mismatch, var_builder_where};
+    let bad = |path: &Path, msg: String| WeightsError::BadManifest {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let cfg_path = dir.join("config.json");
+    let cfg = ChameleonConfig::read(dir).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+    let settings = LuminaSettings::read(dir)?;
+    let grid = settings.grid(dir)?;
+    let files = LuminaFiles::find(dir)?;
+    let gpt_cfg = cfg
+        .gpt_config(MAX_PROMPT)
+        .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+    // The cheap checks first: a bad tokenizer, vocabulary or grid is named before gigabytes
+    // of weights are read.
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| WeightsError::Corrupt {
+            path: files.tokenizer.clone(),
+            msg: format!("not a tokenizer: {e}"),
+        })?;
+    let template = PromptTemplate::new(tokenizer, &cfg.vocabulary_map, settings.image_size, grid)
+        .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+    let vocab = cfg
+        .image_vocabulary()
+        .map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+    let eol = *cfg.vocabulary_map.get("<reserved08799>").ok_or_else(|| {
+        bad(
+            &cfg_path,
+            "the vocabulary has no end-of-row token <reserved08799>".into(),
+        )
+    })?;
+    let vq_cfg = settings
+        .vq
+        .clone()
+        .unwrap_or_else(super::llamagen::VqConfig::chameleon_vqgan);
+    vq_cfg
+        .validate()
+        .map_err(|e| bad(&dir.join("zipar.json"), e))?;
+    let dtype = super::llamagen::gpt_dtype(device);
+    let keep = |name: &str| !name.starts_with("model.vqmodel.");
+    let decoder_only = |name: &str| !name.starts_with("encoder.") && !name.starts_with("loss.");
+    if device.is_cpu() {
+        let need = memory_needed(
+            &gpt_cfg,
+            crate::weights::count_elements_where(&files.weights, &keep)?,
+            dtype.size_in_bytes() as u64,
+            grid,
+            (vq_params(&files.vqgan, &decoder_only), &vq_cfg),
+        );
+        if let Some(have) = crate::weights::available_memory()
+            && need > have
+        {
+            return Err(bad(
+                &cfg_path,
+                format!(
+                    "this model needs about {} (weights as {dtype:?}, KV cache, VQGAN) but only {} of memory is available",
+                    crate::weights::human_bytes(need as f64),
+                    crate::weights::human_bytes(have as f64)
+                ),
+            ));
+        }
+    }
+    let vb = var_builder_where(&files.weights, Some(&keep), dtype, device, on_file)?;
+    let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, vb)
+        .map_err(|e| mismatch(&files.weights, e))?;
+    let vb = var_builder_where(
+        &files.vqgan,
+        Some(&decoder_only),
+        candle_core::DType::F32,
+        device,
+        on_file,
+    )?;
+    let vq =
+        super::llamagen::VqDecoder::load(&vq_cfg, vb).map_err(|e| mismatch(&files.vqgan, e))?;
+    let decoder = Arc::new(super::llamagen::GridDecoder {
+        vq: Arc::new(vq),
+        grid,
+    });
+    let model =
+        EndOfRowLm::new(gpt, vocab, eol, decoder).map_err(|e| bad(&cfg_path, format!("{e:#}")))?;
+    Ok(model.with_template(Box::new(template)))
 }
 
 #[cfg(test)]
@@ -820,7 +679,7 @@ mod tests {
             .into_iter()
             .map(|(n, i)| (n.to_string(), i))
             .collect();
-        let v = ImageVocabulary::from_names(&map).expect("vocabulary");
+        let v = ImageVocabulary::from_names(&map, image_code, "IMGIMG").expect("vocabulary");
         assert_eq!(
             (v.len(), v.bpe(0), v.bpe(1), v.code(9)),
             (2, Some(7), Some(9), Some(1))
@@ -833,6 +692,6 @@ mod tests {
             .into_iter()
             .map(|(n, i)| (n.to_string(), i))
             .collect();
-        assert!(ImageVocabulary::from_names(&gap).is_err());
+        assert!(ImageVocabulary::from_names(&gap, image_code, "IMGIMG").is_err());
     }
 }

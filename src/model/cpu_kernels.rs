@@ -586,8 +586,9 @@ fn exp_nonpositive(x: f32) -> f32 {
 pub struct SlotAttention<'a> {
     /// Slot of each query.
     pub slots: &'a [usize],
-    /// Additive mask over the slots: 0, or `-inf` for slots no query may see (never-written
-    /// ones when masking is on).
+    /// Additive mask over the slots, `len` values per batch entry: 0, or `-inf` for slots no
+    /// query of that entry may see (a prompt's padding, never-written slots when masking is on).
+    /// A query that sees no slot at all (a padding slot's own) gets zeros.
     pub bias: &'a [f32],
     /// Slots in use: `max(slots) + 1`.
     pub len: usize,
@@ -596,11 +597,13 @@ pub struct SlotAttention<'a> {
 }
 
 impl SlotAttention<'_> {
-    /// One (batch, head): `q [k, D]`, `kt [D, S]`, `v [S, D]` -> `[k, D]`.
-    fn head(&self, q: &[f32], kt: &[f32], v: &[f32], s: usize, d: usize) -> Vec<f32> {
+    /// One (batch, head): `q [k, D]`, `kt [D, S]`, `v [S, D]` -> `[k, D]`, with that batch
+    /// entry's `bias`.
+    fn head(&self, bias: &[f32], q: &[f32], kt: &[f32], v: &[f32], s: usize, d: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.slots.len() * d];
         pulp::Arch::new().dispatch(Head {
             op: self,
+            bias,
             q,
             kt,
             v,
@@ -616,6 +619,7 @@ impl SlotAttention<'_> {
 /// for the SIMD level found at run time (a closure would not be inlined into it).
 struct Head<'a, 'b> {
     op: &'a SlotAttention<'b>,
+    bias: &'a [f32],
     q: &'a [f32],
     kt: &'a [f32],
     v: &'a [f32],
@@ -631,6 +635,7 @@ impl pulp::WithSimd for Head<'_, '_> {
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
         let Head {
             op,
+            bias,
             q,
             kt,
             v,
@@ -664,10 +669,14 @@ impl pulp::WithSimd for Head<'_, '_> {
                     *sc += qc * kv;
                 }
             }
-            for (sc, &b) in seen.iter_mut().zip(op.bias) {
+            for (sc, &b) in seen.iter_mut().zip(bias) {
                 *sc = *sc * op.scale + b;
             }
             let max = lanes_fold(seen, f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                // Nothing visible (a padding slot's own query): zeros, not 0 / 0.
+                continue;
+            }
             for sc in seen.iter_mut() {
                 *sc = exp_nonpositive(*sc - max);
             }
@@ -732,7 +741,7 @@ impl CustomOp3 for SlotAttention<'_> {
             || !h.is_multiple_of(hkv)
             || self.slots.len() != k
             || self.len > s
-            || self.bias.len() < self.len
+            || self.bias.len() != b * self.len
         {
             candle_core::bail!("slot-attention: inconsistent shapes");
         }
@@ -741,7 +750,9 @@ impl CustomOp3 for SlotAttention<'_> {
         let vc = &vs.as_slice::<f32>()?[v0..v1];
         let one = |bh: usize| {
             let kvh = (bh / h) * hkv + (bh % h) / (h / hkv);
+            let bias = &self.bias[(bh / h) * self.len..(bh / h + 1) * self.len];
             self.head(
+                bias,
                 &q[bh * k * d..(bh + 1) * k * d],
                 &kc[kvh * d * s..(kvh + 1) * d * s],
                 &vc[kvh * s * d..(kvh + 1) * s * d],
@@ -874,9 +885,14 @@ mod tests {
         let kc = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
         let vc = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
         let slots = [3usize, 5];
-        let visible = [true, false, true, true, true, true];
+        // one row of visibility per batch entry
+        let visible = [
+            [true, false, true, true, true, true],
+            [false, false, true, false, true, true],
+        ];
         let bias: Vec<f32> = visible
             .iter()
+            .flatten()
             .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
             .collect();
         let op = SlotAttention {
@@ -890,7 +906,7 @@ mod tests {
         let k4: Vec<f32> = kc.flatten_all()?.to_vec1()?;
         let v4: Vec<f32> = vc.flatten_all()?.to_vec1()?;
         let got: Vec<f32> = got.flatten_all()?.to_vec1()?;
-        for bi in 0..b {
+        for (bi, visible) in visible.iter().enumerate().take(b) {
             for hi in 0..h {
                 for (i, &slot) in slots.iter().enumerate() {
                     let bh = bi * h + hi;

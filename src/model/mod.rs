@@ -4,8 +4,11 @@ pub mod chameleon;
 pub mod classifier;
 pub mod cpu_kernels;
 pub mod dense;
+pub mod emu3;
+pub mod end_of_row;
 pub mod kv;
 pub mod llamagen;
+pub mod movq;
 pub mod palette;
 pub mod registry;
 pub mod t5;
@@ -31,8 +34,9 @@ pub enum Condition {
     /// A prompt already tokenized, for models conditioned on tokens of their own vocabulary
     /// (Chameleon / Lumina-mGPT).
     Tokens(Vec<u32>),
-    /// A tokenized prompt with its unconditional counterpart for classifier-free guidance, of
-    /// the same length (the two halves of the batch share positions).
+    /// A tokenized prompt with its unconditional counterpart for classifier-free guidance; the
+    /// shorter is padded on the left and the padding hidden, so that the two halves of the
+    /// batch end at the same slot and share the image's positions.
     TokenPair {
         /// The prompt.
         cond: Vec<u32>,

@@ -63,6 +63,7 @@ pub fn summary(dir: &Path, device: &Device) -> Result<llamagen::LoadSummary, Wei
     match read_header(dir)?.kind {
         ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => llamagen::load_summary(dir, device),
         ModelKind::LuminaMgpt => super::chameleon::load_summary(dir, device),
+        ModelKind::Emu3Gen => super::emu3::load_summary(dir, device),
     }
 }
 
@@ -96,6 +97,7 @@ pub fn open_with_progress(
     let files = match kind {
         ModelKind::LlamagenC2i | ModelKind::LlamagenT2i => llamagen::weight_files(dir)?,
         ModelKind::LuminaMgpt => super::chameleon::LuminaFiles::find(dir)?.all()?,
+        ModelKind::Emu3Gen => super::emu3::Emu3Files::find(dir)?.all()?,
     };
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let total: u64 = files.iter().map(|p| size(p)).sum();
@@ -117,8 +119,14 @@ pub fn open_with_progress(
         done += size(p);
     };
     match kind {
-        ModelKind::LuminaMgpt => {
-            let model = super::chameleon::LuminaMgpt::load_with(dir, device, &mut on_file)?;
+        ModelKind::LuminaMgpt | ModelKind::Emu3Gen => {
+            let (model, defaults) = if kind == ModelKind::Emu3Gen {
+                let m = super::emu3::load_emu3(dir, device, &mut on_file)?;
+                (m, super::emu3::EMU3_DEFAULTS)
+            } else {
+                let m = super::chameleon::load_lumina(dir, device, &mut on_file)?;
+                (m, super::chameleon::LUMINA_DEFAULTS)
+            };
             let card = ModelCard {
                 name: folder_name(dir),
                 dir: dir.to_path_buf(),
@@ -128,7 +136,7 @@ pub fn open_with_progress(
                 num_classes: 0,
                 classes: None,
                 classifier: None,
-                defaults: super::chameleon::LUMINA_DEFAULTS,
+                defaults,
             };
             Ok(LoadedModel {
                 model: Box::new(model),
@@ -160,7 +168,9 @@ fn card(dir: &Path, m: &Manifest) -> ModelCard {
         grid: (m.grid_h, m.grid_w),
         conditioning: match m.kind {
             ModelKind::LlamagenC2i => Conditioning::Class,
-            ModelKind::LlamagenT2i | ModelKind::LuminaMgpt => Conditioning::Caption,
+            ModelKind::LlamagenT2i | ModelKind::LuminaMgpt | ModelKind::Emu3Gen => {
+                Conditioning::Caption
+            }
         },
         num_classes: m.gpt.num_classes,
         classes: m.classes.as_ref().map(|f| dir.join(f)),

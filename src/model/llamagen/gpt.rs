@@ -103,10 +103,11 @@ struct PassCtx {
     index: SlotIndex,
     len: usize,
     slots: Vec<usize>,
-    /// 0 for slots a query may attend to at all, `-inf` for never-written ones when masked.
+    /// Per batch entry, `len` values: 0 for slots a query may attend to at all, `-inf` for a
+    /// prompt's padding and for never-written slots when masked.
     bias: Vec<f32>,
-    /// Additive `[k, len]` mask for candle's attention; `None` on the CPU fast path unless
-    /// attention is captured.
+    /// Additive `[B, 1, k, len]` mask for candle's attention; `None` on the CPU fast path
+    /// unless attention is captured.
     mask: Option<Tensor>,
     /// Whether the pass returns its attention probabilities.
     capture: bool,
@@ -326,8 +327,10 @@ pub struct Session {
     batch: usize,
     opts: RunOptions,
     written: Vec<bool>,
-    /// Slots `0..hidden` are the caption's padding: never fed, never attended to.
-    hidden: usize,
+    /// Per batch entry, slots `0..hidden` are padding: a short caption's (never fed), or the
+    /// left padding of the shorter of two prompts (fed, so that both halves of a CFG batch
+    /// share positions, but never attended to).
+    hidden: Vec<usize>,
     /// Slots before the image region: the model's condition length, or a prompt's length.
     cond_len: usize,
     /// Record attention probabilities in each pass, keeping this layer's heads one by one
@@ -502,8 +505,11 @@ impl Gpt {
             .reshape((1, ids.dim(0)?, self.cfg.dim))?)
     }
 
-    fn cond_embeddings(&self, cond: &Condition, cfg: bool) -> anyhow::Result<Tensor> {
+    /// The condition's rows `[B, rows, dim]` and, per batch entry, how many of its first rows
+    /// are padding.
+    fn cond_embeddings(&self, cond: &Condition, cfg: bool) -> anyhow::Result<(Tensor, Vec<usize>)> {
         let dim = self.cfg.dim;
+        let mut pads = vec![0, 0];
         let x = match (&self.cond, cond) {
             (CondEmbedding::Class(table), Condition::Class(id)) => {
                 let n = self.cfg.num_classes as u32;
@@ -545,13 +551,26 @@ impl Gpt {
             }
             (CondEmbedding::Tokens, Condition::TokenPair { cond, uncond }) => {
                 if cfg {
-                    anyhow::ensure!(
-                        cond.len() == uncond.len(),
-                        "the unconditional prompt has {} tokens for {}: the two share positions",
-                        uncond.len(),
-                        cond.len()
-                    );
-                    Tensor::cat(&[self.embed_prompt(cond)?, self.embed_prompt(uncond)?], 0)?
+                    // The shorter prompt is padded on the left and the padding hidden: both
+                    // halves end at the same slot and the image follows at the same positions.
+                    // RoPE depends only on the distance between a query and a key, so the
+                    // shorter prompt attends as if it started at position 0 (transformers'
+                    // unbatched guidance feeds it to a cache of its own).
+                    let n = cond.len().max(uncond.len());
+                    pads = vec![n - cond.len(), n - uncond.len()];
+                    let padded = |ids: &[u32]| -> Vec<u32> {
+                        std::iter::repeat_n(0, n - ids.len())
+                            .chain(ids.iter().copied())
+                            .collect()
+                    };
+                    anyhow::ensure!(!cond.is_empty() && !uncond.is_empty(), "an empty prompt");
+                    Tensor::cat(
+                        &[
+                            self.embed_prompt(&padded(cond))?,
+                            self.embed_prompt(&padded(uncond))?,
+                        ],
+                        0,
+                    )?
                 } else {
                     self.embed_prompt(cond)?
                 }
@@ -572,7 +591,8 @@ impl Gpt {
                 anyhow::bail!("this model is text-conditional: give a caption, not a class")
             }
         };
-        Ok(x)
+        pads.truncate(x.dim(0)?);
+        Ok((x, pads))
     }
 
     /// Starts a run: a session with a fresh zeroed cache, the condition fed at slots
@@ -585,7 +605,7 @@ impl Gpt {
         opts: RunOptions,
         capture: Option<usize>,
     ) -> anyhow::Result<(Session, PassLogits)> {
-        let x = self.cond_embeddings(cond, opts.cfg)?;
+        let (x, pads) = self.cond_embeddings(cond, opts.cfg)?;
         let (batch, rows) = (x.dim(0)?, x.dim(1)?);
         // A prompt of tokens takes exactly its own slots; LlamaGen's conditions are padded to
         // the model's condition length.
@@ -594,7 +614,8 @@ impl Gpt {
             _ => self.cfg.cls_token_num,
         };
         anyhow::ensure!(rows <= t, "the condition has {rows} rows for {t} slots");
-        let hidden = t - rows;
+        let first = t - rows;
+        let hidden: Vec<usize> = pads.iter().map(|p| first + p).collect();
         let slots_total = t + self.grid.0 * self.grid.1;
         let kv = (0..self.cfg.n_layer)
             .map(|_| {
@@ -620,7 +641,7 @@ impl Gpt {
             captured: None,
         };
         session.set_attention_capture(capture);
-        let slots: Vec<usize> = (hidden..t).collect();
+        let slots: Vec<usize> = (first..t).collect();
         let logits = self.forward_embeds(&mut session, &x, &slots, &[rows - 1])?;
         Ok((session, logits))
     }
@@ -669,17 +690,21 @@ impl Gpt {
             state.written[s] = true;
         }
         let len = slots.iter().copied().max().unwrap_or(0) + 1;
-        // Raster-causal over slots; hide the caption's padding, and optionally slots never
-        // written in this run. 0 for slots a query may attend to at all, -inf for the others.
-        let bias: Vec<f32> = (0..len)
-            .map(|j| {
-                if j < state.hidden {
-                    f32::NEG_INFINITY
-                } else if !state.opts.mask_unwritten || state.written[j] {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
+        // Raster-causal over slots; hide padding, and optionally slots never written in this
+        // run. Per batch entry, 0 for slots a query may attend to at all, -inf for the others.
+        let bias: Vec<f32> = state
+            .hidden
+            .iter()
+            .flat_map(|&hidden| {
+                let written = &state.written;
+                let mask = state.opts.mask_unwritten;
+                (0..len).map(move |j| {
+                    if j < hidden || (mask && !written[j]) {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
             })
             .collect();
         let layout = key_layout(dev, self.dtype);
@@ -687,14 +712,23 @@ impl Gpt {
         let mask = if layout == KeyLayout::Transposed && !capture {
             None
         } else {
-            // Raster-causal over slots, plus the bias above.
-            let mask: Vec<f32> = slots
-                .iter()
-                .flat_map(|&s| (0..len).map(move |j| if j > s { f32::NEG_INFINITY } else { 0.0 }))
-                .zip(bias.iter().cycle())
-                .map(|(causal, b)| causal + b)
-                .collect();
-            Some(Tensor::from_vec(mask, (slots.len(), len), dev)?.to_dtype(self.dtype)?)
+            // Raster-causal over slots, plus the bias above; a padding slot's own query sees
+            // itself (as no other query does), so that its softmax stays finite.
+            let mut mask = Vec::with_capacity(state.batch * slots.len() * len);
+            for row in bias.chunks(len) {
+                for &s in slots {
+                    let blind = row[..=s].iter().all(|&b| b == f32::NEG_INFINITY);
+                    mask.extend(row.iter().enumerate().map(|(j, &b)| match j {
+                        j if j > s => f32::NEG_INFINITY,
+                        j if j == s && blind => 0.0,
+                        _ => b,
+                    }));
+                }
+            }
+            Some(
+                Tensor::from_vec(mask, (state.batch, 1, slots.len(), len), dev)?
+                    .to_dtype(self.dtype)?,
+            )
         };
         let slot_ids: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
         let slot_t = Tensor::new(slot_ids.as_slice(), dev)?;

@@ -15,7 +15,7 @@ const GN_EPS: f64 = 1e-6;
 /// A convolution in the form its device runs fastest: the packed CPU kernel for f32 on the
 /// CPU (see `cpu_kernels::PackedConv`), candle's conv2d elsewhere.
 #[derive(Debug)]
-enum Conv {
+pub(crate) enum Conv {
     Candle(Conv2d),
     Packed(PackedConv),
 }
@@ -42,17 +42,27 @@ impl Conv {
     }
 }
 
-fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> Result<Conv> {
+/// A "same" convolution (stride 1, padding `k / 2`) read from `vb`.
+pub(crate) fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> Result<Conv> {
     let cfg = Conv2dConfig {
         padding: k / 2,
         ..Default::default()
     };
     let c = candle_nn::conv2d(cin, cout, k, cfg, vb)?;
-    if c.weight().device().is_cpu() && c.weight().dtype() == DType::F32 {
-        Ok(Conv::Packed(PackedConv::new(c.weight(), c.bias())?))
-    } else {
-        Ok(Conv::Candle(c))
+    conv_from(c.weight().clone(), c.bias().cloned())
+}
+
+/// A "same" convolution from a `[cout, cin, k, k]` weight and an optional `[cout]` bias.
+pub(crate) fn conv_from(weight: Tensor, bias: Option<Tensor>) -> Result<Conv> {
+    if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+        return Ok(Conv::Packed(PackedConv::new(&weight, bias.as_ref())?));
     }
+    let (_, _, k, _) = weight.dims4()?;
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        ..Default::default()
+    };
+    Ok(Conv::Candle(Conv2d::new(weight, bias, cfg)))
 }
 
 /// A GroupNorm: candle's for channels-first tensors, plus its parameters for the CPU's
@@ -409,7 +419,13 @@ impl VqDecoder {
 
     /// Decodes codes to 8-bit RGB, mapping [-1, 1] to [0, 255] as LlamaGen's samplers do.
     pub fn decode_rgb(&self, codes: &[u32], h: usize, w: usize) -> Result<crate::model::RgbImage> {
-        let x = self.decode(codes, h, w)?;
+        to_rgb8(&self.decode(codes, h, w)?)
+    }
+}
+
+/// `[1, 3, H, W]` values in [-1, 1] to 8-bit RGB (rounded, clamped).
+pub(crate) fn to_rgb8(x: &Tensor) -> Result<crate::model::RgbImage> {
+    {
         let (_, _, ph, pw) = x.dims4()?;
         let x = ((x.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?;
         let x = (x + 0.5)?.clamp(0f32, 255f32)?;
