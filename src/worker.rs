@@ -81,6 +81,8 @@ pub struct ModelInfo {
     pub windows: std::ops::RangeInclusive<usize>,
     /// How image tokens are laid out (rows ending with an end-of-row token or not).
     pub layout: crate::decode::schedule::Layout,
+    /// Architecture.
+    pub kind: crate::weights::ModelKind,
     /// Class names, for class-conditional models that ship them.
     pub classes: Option<Arc<ClassIndex>>,
     /// Number of classes (0 for text-conditional models).
@@ -367,6 +369,7 @@ impl Worker {
             grid,
             windows: crate::decode::schedule::window_range(model.layout(), grid.1),
             layout: model.layout(),
+            kind: card.kind,
             classes,
             num_classes: card.num_classes,
             conditioning: card.conditioning,

@@ -614,3 +614,48 @@ fn a_lumina_folder_decodes_with_its_end_of_row_column() {
             .is_some()
     );
 }
+
+#[test]
+fn an_emu3_folder_decodes_with_its_end_of_row_column() {
+    // Emu3-Gen's folder as transformers saves it (tests/fixtures/tiny_emu3): open it, type a
+    // prompt, generate with ZipAR-2 under guidance; the pass map gets the end-of-row column.
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut h = harness(settings(out.path()));
+    step_until(&mut h, "the model", model_ready);
+    let dir = fixture("tiny_emu3");
+    h.state_mut().settings.model_dir = Some(dir.clone());
+    h.state_mut()
+        .load_model(zipar_studio::worker::ModelSource::Dir(dir));
+    step_until(&mut h, "the Emu3 model", model_ready);
+    h.get_by_label("Caption").click();
+    h.step();
+    h.get_by_label("Caption").type_text("a red apple");
+    h.step();
+    assert!(h.query_by_label_contains("Emu3's template").is_some());
+    h.state_mut().settings.mode = Mode::Zipar;
+    h.state_mut().settings.window = 2;
+    h.state_mut().settings.greedy = true;
+    h.state_mut().settings.cfg = 3.0;
+    h.key_press(egui::Key::Enter);
+    step_until(&mut h, "the run", finished);
+    let run = h.state().runs().next().cloned().expect("a run");
+    assert_eq!(run.status, RunStatus::Done, "{:?}", h.state().status);
+    // w + (h - 1)(s - 1) = 4 + 2 * 1 passes on the 3 x 4 grid
+    assert_eq!(run.passes_done(), 6);
+    assert!(run.end_of_row);
+    let r = common::reference("tiny_emu3");
+    let want = r["generate"]["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .find(|x| x["cfg"] == 3.0 && x["window"] == 2)
+        .map(|x| common::u32s(&x["codes"]))
+        .expect("the reference run");
+    let got: Vec<u32> = run.tokens.iter().map(|t| t.expect("written")).collect();
+    assert_eq!(got, want);
+    h.step();
+    assert!(
+        h.query_by_label("ZipAR s=2 grid with an end-of-row column")
+            .is_some()
+    );
+}

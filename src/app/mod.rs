@@ -578,6 +578,9 @@ impl StudioApp {
         ui.horizontal(|ui| match (&self.settings.class_override, &self.matched) {
             _ if caption => {
                 ui.weak(match &self.model {
+                    ModelState::Ready(i) if i.kind == weights::ModelKind::Emu3Gen => {
+                        "free-text prompt, in Emu3's template (with its positive suffix; guided against its negative prompt), encoded by the model's tokenizer"
+                    }
                     ModelState::Ready(i) if i.layout == Layout::EndOfRow => {
                         "free-text prompt, in Lumina-mGPT's template, encoded by the model's tokenizer"
                     }

@@ -58,7 +58,8 @@ pub struct RunView {
     pub params: GenerateParams,
     /// Grid (rows, columns).
     pub grid: (usize, usize),
-    /// Each row ends with an end-of-row token (Lumina-mGPT): the grid shows their column.
+    /// Each row ends with an end-of-row token (Lumina-mGPT, Emu3-Gen): the grid shows their
+    /// column.
     pub end_of_row: bool,
     /// Passes the schedule planned (an adaptive run may take more: see [`RunView::passes`]).
     pub planned_passes: usize,
