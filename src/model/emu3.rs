@@ -388,7 +388,7 @@ pub fn load_emu3(
     device: &candle_core::Device,
     on_file: crate::weights::OnFile,
 ) -> Result<EndOfRowLm, WeightsError> {
-    use crate::weights::{mismatch, read_tensors_where};
+    use crate::weights::{mismatch, read_tensors_placed};
     let cfg_path = dir.join("config.json");
     let bad = |path: &Path, msg: String| WeightsError::BadManifest {
         path: path.to_path_buf(),
@@ -451,8 +451,23 @@ pub fn load_emu3(
             ));
         }
     }
-    // One read of the checkpoint serves both models (tensors are shared, not copied).
-    let tensors = read_tensors_where(&files.weights, Some(&|n: &str| style.keep(n)), on_file)?;
+    // One read of the checkpoint serves both models (tensors are shared, not copied): the
+    // language model in the device's dtype, the decoder in f32.
+    let vq_prefix = style.vq_prefix();
+    let dtype_of = |n: &str| {
+        if n.starts_with(vq_prefix) {
+            candle_core::DType::F32
+        } else {
+            dtype
+        }
+    };
+    let tensors = read_tensors_placed(
+        &files.weights,
+        Some(&|n: &str| style.keep(n)),
+        &dtype_of,
+        device,
+        on_file,
+    )?;
     let lm = candle_nn::VarBuilder::from_tensors(tensors.clone(), dtype, device)
         .rename_f(move |name| style.lm_name(name));
     let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, lm)
