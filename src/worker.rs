@@ -136,6 +136,8 @@ pub enum Event {
         total_passes: usize,
         /// Grid.
         grid: (usize, usize),
+        /// When the worker started it.
+        at: Instant,
     },
     /// One forward pass finished.
     Pass {
@@ -247,6 +249,13 @@ impl Drop for WorkerHandle {
 /// Least time between two UI wake-ups while a run streams its passes.
 const WAKE_EVERY: Duration = Duration::from_millis(33);
 
+/// How long a run decodes before the UI shows it live. A frame costs the decoding cores
+/// (tens of milliseconds of CPU on a software renderer, measured under Xvfb), and a run
+/// shorter than this is over before a live view could show anything a person can follow: it
+/// appears finished, and the replay shows how it was built. Longer runs stream at
+/// [`WAKE_EVERY`].
+pub const LIVE_AFTER: Duration = Duration::from_millis(250);
+
 /// A model whose code thumbnails the palette thread should learn.
 struct PaletteJob {
     job: JobId,
@@ -291,7 +300,7 @@ impl Worker {
     }
 
     fn run(mut self, commands: Receiver<Command>) {
-        for cmd in commands {
+        for cmd in &commands {
             match cmd {
                 Command::Shutdown => break,
                 Command::LoadModel {
@@ -334,7 +343,13 @@ impl Worker {
                         Err(GenError::Cancelled) => Event::Cancelled { job },
                         Err(GenError::Other(error)) => Event::Failed { job, error },
                     };
-                    self.emit(e);
+                    if matches!(e, Event::Finished { .. }) && !commands.is_empty() {
+                        // Another run is queued (Compare's second): the UI shows both when the
+                        // last one ends, instead of drawing a frame on the next run's cores.
+                        let _ = self.events.send(e);
+                    } else {
+                        self.emit(e);
+                    }
                 }
             }
         }
@@ -395,16 +410,17 @@ impl Worker {
         let schedule = schedule_for(model, params.mode, params.window)
             .map_err(|e| GenError::Other(e.to_string()))?;
         let (h, w) = model.grid();
+        let started = Instant::now();
+        // No wake-up for the start: a run is shown live only once it has lasted LIVE_AFTER.
         let _ = self.events.send(Event::Started {
             job,
             total_passes: schedule.num_passes(),
             grid: (h, w),
+            at: started,
         });
-        (self.wake)();
         let events = self.events.clone();
         let wake = self.wake.clone();
         let cancel = self.cancel_below.clone();
-        let started = Instant::now();
         let mut last_wake = started;
         let result = generate(model, cond, params, &mut |report: &PassReport| {
             let _ = events.send(Event::Pass {
@@ -412,9 +428,10 @@ impl Worker {
                 report: report.clone(),
             });
             // Wake the UI at most every WAKE_EVERY while passes stream (a pass can take well
-            // under a millisecond: one wake-up per pass would cost the decoding CPU); the
-            // events queue up and the next frame applies them all.
-            if last_wake.elapsed() >= WAKE_EVERY {
+            // under a millisecond: one wake-up per pass would cost the decoding CPU), and not
+            // before the run has lasted LIVE_AFTER; the events queue up and the next frame
+            // applies them all.
+            if started.elapsed() >= LIVE_AFTER && last_wake.elapsed() >= WAKE_EVERY {
                 last_wake = Instant::now();
                 wake();
             }

@@ -32,6 +32,9 @@ const SAVE_KEY: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key
 /// Least time between two frames driven by worker events.
 const REPAINT_EVERY: std::time::Duration = std::time::Duration::from_millis(33);
 
+/// egui's default animation time, restored when no run is active.
+const ANIMATION_TIME: f32 = 1.0 / 12.0;
+
 /// Model loading state.
 #[derive(Debug, Clone)]
 pub enum ModelState {
@@ -165,6 +168,15 @@ impl StudioApp {
     /// Whether a generation is queued or running.
     pub fn is_busy(&self) -> bool {
         self.lanes.iter().any(|l| l.run.is_active())
+    }
+
+    /// How long ago the newest active run was asked for, while one is.
+    fn active_run_age(&self) -> Option<std::time::Duration> {
+        self.lanes
+            .iter()
+            .filter(|l| l.run.is_active())
+            .map(|l| l.run.queued_at.elapsed())
+            .min()
     }
 
     /// Resolves the condition from the prompt / class picker.
@@ -313,8 +325,11 @@ impl StudioApp {
                 let run = &mut lane.run;
                 match other {
                     Event::Started {
-                        total_passes, grid, ..
-                    } => run.on_started(total_passes, grid),
+                        total_passes,
+                        grid,
+                        at,
+                        ..
+                    } => run.on_started(total_passes, grid, at),
                     Event::Pass { report, .. } => run.on_pass(&report, palette.as_deref()),
                     Event::Finished {
                         trace, image, wall, ..
@@ -467,6 +482,15 @@ impl StudioApp {
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         let _ = self.wake_ctx.set(ui.ctx().clone());
         self.poll();
+        // While a run decodes, no frame is drawn but the capped ones that show its progress:
+        // egui's animations and the prompt's blinking cursor would each ask for their own
+        // (on a software renderer a frame costs tens of milliseconds of the cores the run
+        // needs).
+        let busy = self.is_busy();
+        ui.ctx().global_style_mut(|s| {
+            s.animation_time = if busy { 0.0 } else { ANIMATION_TIME };
+            s.visuals.text_cursor.blink = !busy;
+        });
         self.update_match();
         if ui.input_mut(|i| i.consume_shortcut(&GENERATE_KEY)) {
             self.generate(false);
@@ -491,9 +515,12 @@ impl StudioApp {
                 .id_salt("runs")
                 .show(ui, |ui| self.runs_ui(ui, height));
         });
-        if self.is_busy() {
-            ui.ctx()
-                .request_repaint_after(std::time::Duration::from_millis(100));
+        if let Some(age) = self.active_run_age() {
+            // the progress line's clock; nothing before the run shows live
+            let wait = crate::worker::LIVE_AFTER
+                .saturating_sub(age)
+                .max(std::time::Duration::from_millis(100));
+            ui.ctx().request_repaint_after(wait);
         }
     }
 
@@ -616,7 +643,9 @@ impl StudioApp {
             return;
         };
         if run.passes() == 0 {
-            ui.spinner();
+            // A still label: a spinner would ask for a frame after every frame, on the cores
+            // the run is starting on.
+            ui.weak(format!("{}: starting…", run.label));
             return;
         }
         let frac = run.passes_done() as f32 / run.passes() as f32;

@@ -84,7 +84,9 @@ pub struct RunView {
     pub pass_ms: Vec<f64>,
     /// Tokens produced by each pass.
     pub tokens_per_pass: Vec<usize>,
-    /// When the run started.
+    /// When it was asked for.
+    pub queued_at: Instant,
+    /// When the worker started it.
     pub started: Option<Instant>,
     /// Wall time so far (or in all).
     pub elapsed: Duration,
@@ -120,6 +122,7 @@ impl RunView {
             cond_len: 0,
             pass_ms: Vec::new(),
             tokens_per_pass: Vec::new(),
+            queued_at: Instant::now(),
             started: None,
             elapsed: Duration::ZERO,
             status: RunStatus::Queued,
@@ -184,8 +187,8 @@ impl RunView {
         matches!(self.status, RunStatus::Queued | RunStatus::Running)
     }
 
-    /// The generation started.
-    pub fn on_started(&mut self, planned_passes: usize, grid: (usize, usize)) {
+    /// The generation started (`at`: by the worker's clock, which the UI may learn later).
+    pub fn on_started(&mut self, planned_passes: usize, grid: (usize, usize), at: Instant) {
         let n = grid.0 * grid.1;
         self.grid = grid;
         self.planned_passes = planned_passes;
@@ -196,7 +199,7 @@ impl RunView {
         self.probs = vec![0.0; n];
         self.fate_of = vec![None; n];
         self.attention_of = vec![None; n];
-        self.started = Some(Instant::now());
+        self.started = Some(at);
         self.status = RunStatus::Running;
     }
 
