@@ -375,19 +375,27 @@ fn default_image_size() -> usize {
     768
 }
 
+/// `dir/zipar.json`, the product's settings next to a Hugging Face folder, or the defaults
+/// when there is none.
+pub fn read_zipar_json<T: serde::de::DeserializeOwned + Default>(
+    dir: &Path,
+) -> Result<T, WeightsError> {
+    let path = dir.join("zipar.json");
+    if !path.is_file() {
+        return Ok(T::default());
+    }
+    let bad = |msg: String| WeightsError::BadManifest {
+        path: path.clone(),
+        msg,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
 impl LuminaSettings {
     /// `dir/zipar.json`, or the defaults when there is none.
     pub fn read(dir: &Path) -> Result<Self, WeightsError> {
-        let path = dir.join("zipar.json");
-        if !path.is_file() {
-            return Ok(Self::default());
-        }
-        let bad = |msg: String| WeightsError::BadManifest {
-            path: path.clone(),
-            msg,
-        };
-        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+        read_zipar_json(dir)
     }
 
     /// The code grid (rows, columns).

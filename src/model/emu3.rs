@@ -130,16 +130,7 @@ impl Default for Emu3Settings {
 impl Emu3Settings {
     /// `dir/zipar.json`, or the defaults when there is none.
     pub fn read(dir: &Path) -> Result<Self, WeightsError> {
-        let path = dir.join("zipar.json");
-        if !path.is_file() {
-            return Ok(Self::default());
-        }
-        let bad = |msg: String| WeightsError::BadManifest {
-            path: path.clone(),
-            msg,
-        };
-        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+        super::chameleon::read_zipar_json(dir)
     }
 
     /// The code grid (rows, columns): a square of `image_area` pixels at `downsample` pixels

@@ -18,7 +18,7 @@ use candle_core::{D, DType, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::llamagen::vq::{Conv, conv, conv_from, to_rgb8};
+use super::llamagen::vq::{Conv, check_codes, conv, conv_from, to_rgb8};
 use super::{ImageDecoder, RgbImage};
 
 /// transformers' `Emu3VQVAEConfig`, the fields the decoder reads (defaults: Emu3's).
@@ -415,22 +415,7 @@ impl MovqDecoder {
 
     /// Decodes `[h * w]` codes (raster order) to `[1, 3, H, W]` values in about [-1, 1].
     pub fn decode(&self, codes: &[u32], h: usize, w: usize) -> Result<Tensor> {
-        if codes.len() != h * w {
-            candle_core::bail!(
-                "expected {} codes for a {h}x{w} grid, got {}",
-                h * w,
-                codes.len()
-            );
-        }
-        if let Some(&bad) = codes
-            .iter()
-            .find(|&&c| c as usize >= self.cfg.codebook_size)
-        {
-            candle_core::bail!(
-                "code {bad} is outside the codebook of {}",
-                self.cfg.codebook_size
-            );
-        }
+        check_codes(codes, h, w, self.cfg.codebook_size)?;
         let ids = Tensor::new(codes, self.codebook.device())?;
         let quant = self
             .codebook

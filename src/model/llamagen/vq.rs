@@ -376,22 +376,7 @@ impl VqDecoder {
 
     /// Decodes `[h * w]` codes (raster order) to `[1, 3, H, W]` values in about [-1, 1].
     pub fn decode(&self, codes: &[u32], h: usize, w: usize) -> Result<Tensor> {
-        if codes.len() != h * w {
-            candle_core::bail!(
-                "expected {} codes for a {h}x{w} grid, got {}",
-                h * w,
-                codes.len()
-            );
-        }
-        if let Some(&bad) = codes
-            .iter()
-            .find(|&&c| c as usize >= self.cfg.codebook_size)
-        {
-            candle_core::bail!(
-                "code {bad} is outside the codebook of {}",
-                self.cfg.codebook_size
-            );
-        }
+        check_codes(codes, h, w, self.cfg.codebook_size)?;
         let ids = Tensor::new(codes, self.codebook.device())?;
         let z =
             self.codebook
@@ -421,6 +406,21 @@ impl VqDecoder {
     pub fn decode_rgb(&self, codes: &[u32], h: usize, w: usize) -> Result<crate::model::RgbImage> {
         to_rgb8(&self.decode(codes, h, w)?)
     }
+}
+
+/// That `codes` fill an `h x w` grid with codes of a codebook of `n`.
+pub(crate) fn check_codes(codes: &[u32], h: usize, w: usize, n: usize) -> Result<()> {
+    if codes.len() != h * w {
+        candle_core::bail!(
+            "expected {} codes for a {h}x{w} grid, got {}",
+            h * w,
+            codes.len()
+        );
+    }
+    if let Some(&bad) = codes.iter().find(|&&c| c as usize >= n) {
+        candle_core::bail!("code {bad} is outside the codebook of {n}");
+    }
+    Ok(())
 }
 
 /// `[1, 3, H, W]` values in [-1, 1] to 8-bit RGB (rounded, clamped).
