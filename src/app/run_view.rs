@@ -280,7 +280,14 @@ impl RunView {
 
     /// Whether the run's output has NTP's law (NTP itself, or the exact mode).
     pub fn is_lossless(&self) -> bool {
-        matches!(self.params.mode, Mode::Ntp | Mode::Exact)
+        let cells = self.grid.0 * self.grid.1;
+        match self.params.mode {
+            Mode::Ntp | Mode::Exact => true,
+            // A window that leaves nothing to decode in parallel (s = w + 1 on an end-of-row
+            // layout) is next-token decoding: one token a pass, each with its whole context.
+            Mode::Zipar => cells > 0 && self.planned_passes == cells,
+            Mode::Adaptive => false,
+        }
     }
 
     /// Exact mode, finished: (accepted, tested) drafts.
@@ -369,5 +376,29 @@ impl RunView {
         let n: usize = self.tokens_per_pass.iter().sum();
         let ms = self.decode_ms();
         if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zipar_window_with_nothing_in_parallel_is_lossless() {
+        let params = |mode, window| GenerateParams {
+            mode,
+            window,
+            ..GenerateParams::default()
+        };
+        // end-of-row layout, 3 x 4: s = 5 takes 12 passes (next-token decoding), s = 2 takes 6
+        let mut ntp_like = RunView::new(1, "ZipAR s=5".into(), params(Mode::Zipar, 5));
+        ntp_like.on_started(12, (3, 4), Instant::now());
+        assert!(ntp_like.is_lossless());
+        let mut zipar = RunView::new(2, "ZipAR s=2".into(), params(Mode::Zipar, 2));
+        zipar.on_started(6, (3, 4), Instant::now());
+        assert!(!zipar.is_lossless());
+        // queued, not started: not known yet
+        assert!(!RunView::new(3, "q".into(), params(Mode::Zipar, 5)).is_lossless());
+        assert!(RunView::new(4, "n".into(), params(Mode::Ntp, 5)).is_lossless());
     }
 }
