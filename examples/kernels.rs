@@ -27,7 +27,8 @@ fn main() -> candle_core::Result<()> {
         let kt = Tensor::randn(0f32, 1.0, (1, 4, 64, 257), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 4, 257, 64), &dev)?;
         let slots: Vec<usize> = (0..m).map(|i| 250 - i).collect();
-        let bias = vec![0f32; 257];
+        // one row of `len` per batch entry
+        let bias = vec![0f32; 251];
         let op = SlotAttention {
             slots: &slots,
             bias: &bias,
