@@ -714,7 +714,14 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         export::check_writable(t)?;
     }
     let (mut model, _) = args.source.load()?;
-    let params = args.params(&model.card.defaults.resolve());
+    let mut params = args.params(&model.card.defaults.resolve());
+    if args.window.is_none() {
+        // The model's recommended window, within what this grid takes (as the app does); a
+        // window asked for on the command line is checked as given.
+        let range =
+            crate::decode::schedule::window_range(model.model.layout(), model.model.grid().1);
+        params.window = params.window.clamp(*range.start(), *range.end());
+    }
     params.sampling.validate()?;
     crate::decode::sampling::validate_cfg(params.cfg_scale)?;
     let cond = condition_for(&model, args.class, args.prompt.as_deref())?;

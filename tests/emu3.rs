@@ -259,3 +259,32 @@ fn broken_emu3_folders_are_refused_with_the_reason() {
     assert!(open(&dir).contains("no image tokens"), "{}", open(&dir));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_models_default_window_is_fitted_to_a_small_grid() {
+    // Emu3-Gen recommends window 8; the fixture's grid is 4 wide (windows 2..=5): generate
+    // without --window takes the largest that fits, as the app does; an explicit 9 is refused.
+    let dir = std::env::temp_dir().join(format!("zipar-emu3-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zipar-studio"))
+            .args(["generate", "--model"])
+            .arg(fixture("tiny_emu3"))
+            .args(["--prompt", "a red apple", "--out"])
+            .arg(dir.join("out.png"))
+            .args(extra)
+            .output()
+            .expect("runs")
+    };
+    let out = run(&[]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("window 5"), "{text}");
+    let out = run(&["--window", "9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("between 2 and 5"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
