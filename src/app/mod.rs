@@ -511,8 +511,11 @@ impl StudioApp {
             // The grids are sized to leave their plots on screen; the stats table below them
             // scrolls into view on small windows.
             let height = ui.available_height();
+            // The scroll bar is always shown: one that appears when a click adds runs asks for
+            // two more frames, drawn on the cores the new run starts on.
             egui::ScrollArea::vertical()
                 .id_salt("runs")
+                .scroll_bar_visibility(egui::scroll_area::ScrollBarVisibility::AlwaysVisible)
                 .show(ui, |ui| self.runs_ui(ui, height));
         });
         if let Some(age) = self.active_run_age() {
