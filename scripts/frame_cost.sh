@@ -8,22 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/release/zipar-studio}")
 shift || true
-tmp=$(mktemp -d)
-export HOME=$tmp/home
-mkdir -p "$HOME"
-export DISPLAY=:$((200 + RANDOM % 100))
-Xvfb "$DISPLAY" -screen 0 1280x800x24 >/dev/null 2>&1 &
-xv=$!
-sleep 2
-env "$@" "$bin" >"$tmp/app.log" 2>&1 &
-app=$!
-trap 'kill $app $xv 2>/dev/null || true; rm -rf "$tmp"' EXIT
-sleep 8
-xdotool windowfocus "$(xdotool search --name "ZipAR Studio" | head -1)"
+# shellcheck source=scripts/xvfb_app.sh
+source scripts/xvfb_app.sh
+start_app "$bin" "$@"
 # utime + stime in clock ticks (100 a second), every thread of the app and the X server
 ticks() {
   local t=0
-  for f in /proc/$app/task/*/stat /proc/$xv/stat; do
+  for f in /proc/$app/task/*/stat /proc/$xvfb/stat; do
     t=$((t + $(awk '{print $14 + $15}' "$f")))
   done
   echo $t

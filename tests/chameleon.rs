@@ -73,27 +73,7 @@ fn logits_match(name: &str) {
         assert!(d < 1e-4, "{name}: logits at {} differ by {d}", prompt + pos);
     }
     // the rest in one pass of 8 inputs
-    let (mut session, _) = gpt
-        .start(&Condition::Tokens(ids[..prompt].to_vec()), opts, None)
-        .expect("prefill");
-    let inputs: Vec<ModelInput> = ids[prompt..]
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| ModelInput {
-            token,
-            pos,
-            wants_logits: true,
-        })
-        .collect();
-    let out = gpt.step(&mut session, &inputs).expect("pass");
-    for (i, row) in out.cond.iter().enumerate() {
-        let d = max_abs_diff(row, &want[prompt + i]);
-        assert!(
-            d < 1e-4,
-            "{name}: one-pass logits at {} differ by {d}",
-            prompt + i
-        );
-    }
+    common::one_pass_logits_match(&gpt, &ids, &want, prompt, name);
 }
 
 #[test]

@@ -8,12 +8,12 @@ mod common;
 use candle_core::{DType, Device};
 use common::{f32s, fixture, max_abs_diff, reference, u32s};
 use zipar_studio::decode::{Flow, GenerateParams, Mode, Sampling, generate};
+use zipar_studio::model::Condition;
 use zipar_studio::model::emu3::{Emu3Config, Emu3Settings, Emu3Template};
 use zipar_studio::model::end_of_row::TextPrompt;
 use zipar_studio::model::llamagen::Gpt;
 use zipar_studio::model::movq::MovqDecoder;
 use zipar_studio::model::registry;
-use zipar_studio::model::{Condition, ModelInput, RunOptions};
 
 fn weights() -> candle_nn::VarBuilder<'static> {
     zipar_studio::weights::var_builder(
@@ -34,34 +34,13 @@ fn the_language_model_of_the_composite_checkpoint_matches_transformers() {
     let gpt_cfg = cfg.text_config.gpt_config(prompt).expect("gpt config");
     let vb = weights().rename_f(|n| format!("text_model.{n}"));
     let gpt = Gpt::load_chameleon(&gpt_cfg, 1, ids.len() - prompt, vb).expect("model");
-    let (mut session, first) = gpt
-        .start(
-            &Condition::Tokens(ids[..prompt].to_vec()),
-            RunOptions::default(),
-            None,
-        )
-        .expect("prefill");
     let want: Vec<Vec<f32>> = r["logits"]
         .as_array()
         .expect("rows")
         .iter()
         .map(f32s)
         .collect();
-    assert!(max_abs_diff(&first.cond[0], &want[prompt - 1]) < 1e-4);
-    let inputs: Vec<ModelInput> = ids[prompt..]
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| ModelInput {
-            token,
-            pos,
-            wants_logits: true,
-        })
-        .collect();
-    let out = gpt.step(&mut session, &inputs).expect("pass");
-    for (i, row) in out.cond.iter().enumerate() {
-        let d = max_abs_diff(row, &want[prompt + i]);
-        assert!(d < 1e-4, "logits at {} differ by {d}", prompt + i);
-    }
+    common::one_pass_logits_match(&gpt, &ids, &want, prompt, "tiny_emu3");
 }
 
 #[test]

@@ -284,6 +284,23 @@ pub fn memory_needed(
     params * dtype_bytes + kv_cache_bytes(cfg, dtype_bytes, grid) + vq_params * 4 + activations
 }
 
+/// A CPU load that needs more than the memory available (`what` it counts), refused with both
+/// numbers.
+pub(crate) fn refuse_if_too_big(need: u64, what: &str, path: &Path) -> Result<(), WeightsError> {
+    use crate::weights::human_bytes;
+    match crate::weights::available_memory() {
+        Some(have) if need > have => Err(WeightsError::BadManifest {
+            path: path.to_path_buf(),
+            msg: format!(
+                "this model needs about {} ({what}) but only {} of memory is available",
+                human_bytes(need as f64),
+                human_bytes(have as f64)
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The KV cache of an end-of-row run: both CFG halves, K and V, every layer, for the longest
 /// prompt and an `h x w` grid with end-of-row tokens, sized by the key/value heads.
 pub fn kv_cache_bytes(cfg: &GptConfig, dtype_bytes: u64, grid: (usize, usize)) -> u64 {
@@ -599,18 +616,11 @@ pub fn load_lumina(
             grid,
             (vq_params(&files.vqgan, &decoder_only), &vq_cfg),
         );
-        if let Some(have) = crate::weights::available_memory()
-            && need > have
-        {
-            return Err(bad(
-                &cfg_path,
-                format!(
-                    "this model needs about {} (weights as {dtype:?}, KV cache, VQGAN) but only {} of memory is available",
-                    crate::weights::human_bytes(need as f64),
-                    crate::weights::human_bytes(have as f64)
-                ),
-            ));
-        }
+        refuse_if_too_big(
+            need,
+            &format!("weights as {dtype:?}, KV cache, VQGAN"),
+            &cfg_path,
+        )?;
     }
     let vb = var_builder_where(&files.weights, Some(&keep), dtype, device, on_file)?;
     let gpt = Gpt::load_chameleon(&gpt_cfg, grid.0, grid.1 + 1, vb)

@@ -290,6 +290,17 @@ impl KeyStyle {
         }
     }
 
+    /// Parameters of the language model and of the VQ decoder (the encoder is not counted),
+    /// from the safetensors headers.
+    fn parameters(self, weights: &Path) -> Result<(u64, u64), WeightsError> {
+        let vq = self.vq_prefix();
+        let lm = crate::weights::count_elements_where(weights, &|n: &str| !n.starts_with(vq))?;
+        let decoder = crate::weights::count_elements_where(weights, &|n: &str| {
+            n.starts_with(vq) && self.keep(n)
+        })?;
+        Ok((lm, decoder))
+    }
+
     /// Whether a stored tensor is read: the language model and the VQ decoder, not the VQ
     /// encoder.
     fn keep(self, name: &str) -> bool {
@@ -328,7 +339,7 @@ pub fn memory_needed(
 
 /// What loading an Emu3-Gen folder reads and roughly takes in memory.
 pub fn load_summary(dir: &Path, device: &candle_core::Device) -> Result<LoadSummary, WeightsError> {
-    use crate::weights::{count_elements_where, human_bytes, weight_bytes};
+    use crate::weights::{human_bytes, weight_bytes};
     let cfg_path = dir.join("config.json");
     let bad = |msg: String| WeightsError::BadManifest {
         path: cfg_path.clone(),
@@ -342,11 +353,7 @@ pub fn load_summary(dir: &Path, device: &candle_core::Device) -> Result<LoadSumm
     let files = Emu3Files::find(dir)?;
     let style = KeyStyle::detect(&files.weights)?;
     let grid = Emu3Settings::read(dir)?.grid(dir, cfg.vq_config.downsample())?;
-    let vq = style.vq_prefix();
-    let params = count_elements_where(&files.weights, &|n: &str| !n.starts_with(vq))?;
-    let vq_params = count_elements_where(&files.weights, &|n: &str| {
-        n.starts_with(vq) && style.keep(n)
-    })?;
+    let (params, vq_params) = style.parameters(&files.weights)?;
     let dtype = super::llamagen::gpt_dtype(device);
     let need = memory_needed(
         &gpt_cfg,
@@ -416,12 +423,7 @@ pub fn load_emu3(
     let style = KeyStyle::detect(&files.weights)?;
     let dtype = super::llamagen::gpt_dtype(device);
     if device.is_cpu() {
-        let vq = style.vq_prefix();
-        let params =
-            crate::weights::count_elements_where(&files.weights, &|n: &str| !n.starts_with(vq))?;
-        let vq_params = crate::weights::count_elements_where(&files.weights, &|n: &str| {
-            n.starts_with(vq) && style.keep(n)
-        })?;
+        let (params, vq_params) = style.parameters(&files.weights)?;
         let need = memory_needed(
             &gpt_cfg,
             params,
@@ -429,18 +431,11 @@ pub fn load_emu3(
             grid,
             (vq_params, &cfg.vq_config),
         );
-        if let Some(have) = crate::weights::available_memory()
-            && need > have
-        {
-            return Err(bad(
-                &cfg_path,
-                format!(
-                    "this model needs about {} (weights as {dtype:?}, KV cache, vision decoder) but only {} of memory is available",
-                    crate::weights::human_bytes(need as f64),
-                    crate::weights::human_bytes(have as f64)
-                ),
-            ));
-        }
+        super::chameleon::refuse_if_too_big(
+            need,
+            &format!("weights as {dtype:?}, KV cache, vision decoder"),
+            &cfg_path,
+        )?;
     }
     // One read of the checkpoint serves both models (tensors are shared, not copied): the
     // language model in the device's dtype, the decoder in f32.

@@ -62,3 +62,42 @@ pub fn assert_logits_match(got: &zipar_studio::model::PassLogits, reference: &Va
     assert!(d_cond < 1e-4, "cond logits differ by {d_cond}");
     assert!(d_uncond < 1e-4, "uncond logits differ by {d_uncond}");
 }
+
+/// A prompt of `ids[..prompt]`, then the rest of `ids` in one pass: the logits of every row
+/// within 1e-4 of `want` (one row per id).
+pub fn one_pass_logits_match(
+    gpt: &zipar_studio::model::llamagen::Gpt,
+    ids: &[u32],
+    want: &[Vec<f32>],
+    prompt: usize,
+    name: &str,
+) {
+    use zipar_studio::model::{Condition, ModelInput, RunOptions};
+    let (mut session, first) = gpt
+        .start(
+            &Condition::Tokens(ids[..prompt].to_vec()),
+            RunOptions::default(),
+            None,
+        )
+        .expect("prefill");
+    let d = max_abs_diff(&first.cond[0], &want[prompt - 1]);
+    assert!(d < 1e-4, "{name}: prompt logits differ by {d}");
+    let inputs: Vec<ModelInput> = ids[prompt..]
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| ModelInput {
+            token,
+            pos,
+            wants_logits: true,
+        })
+        .collect();
+    let out = gpt.step(&mut session, &inputs).expect("pass");
+    for (i, row) in out.cond.iter().enumerate() {
+        let d = max_abs_diff(row, &want[prompt + i]);
+        assert!(
+            d < 1e-4,
+            "{name}: one-pass logits at {} differ by {d}",
+            prompt + i
+        );
+    }
+}
