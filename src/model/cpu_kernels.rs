@@ -166,54 +166,172 @@ impl pulp::WithSimd for Panels<'_> {
             range,
             out,
         } = self;
-        for (slot, p) in range.enumerate() {
-            let panel = &panels[p * k * PANEL..(p + 1) * k * PANEL];
-            let dst = &mut out[slot * m * PANEL..(slot + 1) * m * PANEL];
-            // Register tiles of up to 4 rows x one panel: the accumulators stay in registers
-            // over the whole inner dimension, and each panel row loaded feeds every row.
-            let mut i = 0;
-            while i < m {
-                i += match m - i {
-                    1 => tile::<S, 1>(simd, x, panel, k, i, dst),
-                    2 => tile::<S, 2>(simd, x, panel, k, i, dst),
-                    3 => tile::<S, 3>(simd, x, panel, k, i, dst),
-                    _ => tile::<S, 4>(simd, x, panel, k, i, dst),
+        let a = (x, k);
+        // Panel `p` of the range: its rows of the weight, and its `[m][16]` block of `out`.
+        let b = |p: usize| Side {
+            at: p * k * PANEL,
+            stride: PANEL,
+            step: k * PANEL,
+        };
+        let c = |slot: usize| Side {
+            at: slot * m * PANEL,
+            stride: PANEL,
+            step: m * PANEL,
+        };
+        let (start, end) = (range.start, range.end);
+        if m < 3 {
+            // One register tile for all rows, over several panels at once so that enough
+            // independent multiply-add chains are in flight (one row x one panel is 2 chains
+            // on AVX2, and each waits on the latency of the last). Three rows x two panels
+            // would need more registers than AVX2 has.
+            let group = if m == 1 { 4 } else { 2 };
+            let mut p = start;
+            while p + group <= end {
+                match m {
+                    1 => tile::<S, 1, 4>(simd, a, 0, (panels, b(p)), k, (out, c(p - start))),
+                    _ => tile::<S, 2, 2>(simd, a, 0, (panels, b(p)), k, (out, c(p - start))),
                 };
+                p += group;
+            }
+            for p in p..end {
+                rows_of_one_panel(simd, a, m, (panels, b(p)), k, (out, c(p - start)));
+            }
+        } else {
+            // Panels outer, rows inner: each panel is read from memory once and stays in L1
+            // for the row groups after the first.
+            for p in start..end {
+                rows_of_one_panel(simd, a, m, (panels, b(p)), k, (out, c(p - start)));
             }
         }
     }
 }
 
-/// Rows `i0..i0 + R` of one panel; returns R.
+/// Where a tile's panels lie in a slice: panel `q` of the tile, row `j`, starts at
+/// `at + q * step + j * stride`.
+#[derive(Clone, Copy)]
+struct Side {
+    at: usize,
+    stride: usize,
+    step: usize,
+}
+
+/// All `m` rows of one panel, four at a time.
 #[inline(always)]
-fn tile<S: pulp::Simd, const R: usize>(
+fn rows_of_one_panel<S: pulp::Simd>(
     simd: S,
-    x: &[f32],
-    panel: &[f32],
+    a: (&[f32], usize),
+    m: usize,
+    b: (&[f32], Side),
     k: usize,
+    c: (&mut [f32], Side),
+) {
+    let mut i = 0;
+    while i < m {
+        i += match m - i {
+            1 => tile::<S, 1, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
+            2 => tile::<S, 2, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
+            3 => tile::<S, 3, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
+            _ => tile::<S, 4, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
+        };
+    }
+}
+
+/// Rows `i0..i0 + R` of `C` 16-column panels of a product `c = a . b`; returns R.
+///
+/// Row `i` of `a` starts at `i * a_stride`; `b` and `c` are laid out as their [`Side`]s say.
+/// The R x C x 16 accumulators stay in registers over the whole inner dimension `k`, and
+/// each row of `b` loaded feeds every row of `a`.
+#[inline(always)]
+fn tile<S: pulp::Simd, const R: usize, const C: usize>(
+    simd: S,
+    (a, a_stride): (&[f32], usize),
     i0: usize,
-    dst: &mut [f32],
+    (b, bs): (&[f32], Side),
+    k: usize,
+    (c, cs): (&mut [f32], Side),
 ) -> usize {
-    let mut acc = [[simd.splat_f32s(0.0); PANEL]; R];
-    let vecs = {
-        let (v, t) = S::as_simd_f32s(&panel[..PANEL]);
-        debug_assert!(t.is_empty(), "a panel is a whole number of vectors");
-        v.len()
-    };
+    let vecs = PANEL / S::F32_LANES;
+    let mut acc = [[[simd.splat_f32s(0.0); PANEL]; C]; R];
     for j in 0..k {
-        let (wv, _) = S::as_simd_f32s(&panel[j * PANEL..(j + 1) * PANEL]);
+        let w: [&[S::f32s]; C] = std::array::from_fn(|q| {
+            let at = bs.at + q * bs.step + j * bs.stride;
+            S::as_simd_f32s(&b[at..at + PANEL]).0
+        });
         for r in 0..R {
-            let a = simd.splat_f32s(x[(i0 + r) * k + j]);
-            for v in 0..vecs {
-                acc[r][v] = simd.mul_add_f32s(a, wv[v], acc[r][v]);
+            let x = simd.splat_f32s(a[(i0 + r) * a_stride + j]);
+            for q in 0..C {
+                for v in 0..vecs {
+                    acc[r][q][v] = simd.mul_add_f32s(x, w[q][v], acc[r][q][v]);
+                }
             }
         }
     }
-    for r in 0..R {
-        let (d, _) = S::as_mut_simd_f32s(&mut dst[(i0 + r) * PANEL..(i0 + r + 1) * PANEL]);
-        d.copy_from_slice(&acc[r][..vecs]);
+    for (r, row) in acc.iter().enumerate() {
+        for (q, panel) in row.iter().enumerate() {
+            let at = cs.at + q * cs.step + (i0 + r) * cs.stride;
+            let (d, _) = S::as_mut_simd_f32s(&mut c[at..at + PANEL]);
+            d.copy_from_slice(&panel[..vecs]);
+        }
     }
     R
+}
+
+/// `c [m, n] = a [m, k] . b [k, n]` for operands in place: row `i` of `a` starts at
+/// `i * a_stride`, row `j` of `b` at `j * b_stride`; `c` is dense. Whole 16-column panels go
+/// through [`tile`], the last partial one through a zero-padded copy. For the attention's two small
+/// products, whose operands are cache rows that are not worth packing.
+#[inline(always)]
+fn strided_product<S: pulp::Simd>(
+    simd: S,
+    a: (&[f32], usize),
+    (b, b_stride): (&[f32], usize),
+    (m, k, n): (usize, usize, usize),
+    c: &mut [f32],
+) {
+    let whole = n / PANEL;
+    let bside = |p: usize| Side {
+        at: p * PANEL,
+        stride: b_stride,
+        step: PANEL,
+    };
+    let cside = |p: usize| Side {
+        at: p * PANEL,
+        stride: n,
+        step: PANEL,
+    };
+    let mut p = 0;
+    if m < 3 {
+        // as in the packed product: several panels per tile when there are few rows
+        let group = if m == 1 { 4 } else { 2 };
+        while p + group <= whole {
+            match m {
+                1 => tile::<S, 1, 4>(simd, a, 0, (b, bside(p)), k, (&mut *c, cside(p))),
+                _ => tile::<S, 2, 2>(simd, a, 0, (b, bside(p)), k, (&mut *c, cside(p))),
+            };
+            p += group;
+        }
+    }
+    for p in p..whole {
+        rows_of_one_panel(simd, a, m, (b, bside(p)), k, (&mut *c, cside(p)));
+    }
+    // The last, partial panel: its columns copied into a zero-padded one.
+    let (first, cols) = (whole * PANEL, n - whole * PANEL);
+    if cols > 0 {
+        let mut pb = vec![0f32; k * PANEL];
+        for (j, row) in pb.chunks_exact_mut(PANEL).enumerate() {
+            row[..cols].copy_from_slice(&b[j * b_stride + first..j * b_stride + n]);
+        }
+        let mut pc = vec![0f32; m * PANEL];
+        let dense = Side {
+            at: 0,
+            stride: PANEL,
+            step: PANEL,
+        };
+        rows_of_one_panel(simd, a, m, (&pb, dense), k, (&mut pc, dense));
+        for (i, row) in pc.chunks_exact(PANEL).enumerate() {
+            c[i * n + first..(i + 1) * n].copy_from_slice(&row[..cols]);
+        }
+    }
 }
 
 /// candle custom op: `x [m, k]` times a packed weight (f32, CPU); see [`PackedWeight`].
@@ -632,7 +750,7 @@ impl pulp::WithSimd for Head<'_, '_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         let Head {
             op,
             bias,
@@ -643,70 +761,37 @@ impl pulp::WithSimd for Head<'_, '_> {
             d,
             out,
         } = self;
-        let mut scores = vec![0f32; op.len];
-        for (i, &slot) in op.slots.iter().enumerate() {
-            // Causal: the slots a query can see are a prefix.
-            let seen = &mut scores[..(slot + 1).min(op.len)];
-            seen.fill(0.0);
-            let qi = &q[i * d..(i + 1) * d];
-            let n = seen.len();
-            // Four key dimensions per sweep: each score is loaded and stored once per four
-            // multiply-adds.
-            let mut c = 0;
-            while c + 4 <= d {
-                let (q0, q1, q2, q3) = (qi[c], qi[c + 1], qi[c + 2], qi[c + 3]);
-                let k0 = &kt[c * s..c * s + n];
-                let k1 = &kt[(c + 1) * s..(c + 1) * s + n];
-                let k2 = &kt[(c + 2) * s..(c + 2) * s + n];
-                let k3 = &kt[(c + 3) * s..(c + 3) * s + n];
-                for ((((sc, &a), &b), &e), &f) in seen.iter_mut().zip(k0).zip(k1).zip(k2).zip(k3) {
-                    *sc += q0 * a + q1 * b + q2 * e + q3 * f;
-                }
-                c += 4;
-            }
-            for (cc, &qc) in qi.iter().enumerate().skip(c) {
-                for (sc, &kv) in seen.iter_mut().zip(&kt[cc * s..cc * s + n]) {
-                    *sc += qc * kv;
-                }
-            }
+        // Two small products through the register tile, all of the pass's queries at once:
+        // scores = q . K over the widest prefix, then probabilities . V. Each key and value
+        // row is loaded once per pass, not once per query, and the products run on fused
+        // multiply-adds.
+        let (rows, len) = (op.slots.len(), op.len);
+        let seen_of = |slot: usize| (slot + 1).min(len);
+        let widest = op.slots.iter().map(|&t| seen_of(t)).max().unwrap_or(0);
+        let mut p = vec![0f32; rows * widest];
+        strided_product(simd, (q, d), (kt, s), (rows, d, widest), &mut p);
+        for (row, &slot) in p.chunks_exact_mut(widest.max(1)).zip(op.slots) {
+            // Causal: the slots a query can see are a prefix; past it, probability 0.
+            let (seen, unseen) = row.split_at_mut(seen_of(slot));
+            unseen.fill(0.0);
             for (sc, &b) in seen.iter_mut().zip(bias) {
                 *sc = *sc * op.scale + b;
             }
             let max = lanes_fold(seen, f32::NEG_INFINITY, f32::max);
             if max == f32::NEG_INFINITY {
                 // Nothing visible (a padding slot's own query): zeros, not 0 / 0.
+                seen.fill(0.0);
                 continue;
             }
             for sc in seen.iter_mut() {
                 *sc = exp_nonpositive(*sc - max);
             }
             let inv = 1.0 / lanes_fold(seen, 0.0, |a, b| a + b);
-            let oi = &mut out[i * d..(i + 1) * d];
-            // Four slots per sweep over the output row.
-            let mut j = 0;
-            while j + 4 <= n {
-                let (p0, p1, p2, p3) = (
-                    seen[j] * inv,
-                    seen[j + 1] * inv,
-                    seen[j + 2] * inv,
-                    seen[j + 3] * inv,
-                );
-                let v0 = &v[j * d..(j + 1) * d];
-                let v1 = &v[(j + 1) * d..(j + 2) * d];
-                let v2 = &v[(j + 2) * d..(j + 3) * d];
-                let v3 = &v[(j + 3) * d..(j + 4) * d];
-                for ((((o, &a), &b), &e), &f) in oi.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3) {
-                    *o += p0 * a + p1 * b + p2 * e + p3 * f;
-                }
-                j += 4;
-            }
-            for (jj, &p) in seen.iter().enumerate().skip(j) {
-                let p = p * inv;
-                for (o, &vv) in oi.iter_mut().zip(&v[jj * d..(jj + 1) * d]) {
-                    *o += vv * p;
-                }
+            for sc in seen.iter_mut() {
+                *sc *= inv;
             }
         }
+        strided_product(simd, (&p, widest), (v, d), (rows, widest, d), out);
     }
 }
 
@@ -894,30 +979,30 @@ mod tests {
         assert!((exp_nonpositive(-1000.0) - floor).abs() <= 4.0 * f32::EPSILON * floor);
     }
 
-    #[test]
-    fn slot_attention_matches_a_direct_softmax() -> Result<()> {
+    /// Slot attention against a softmax written out in f64, for queries at `slots` with
+    /// per-batch-entry visibility `visible` (each `len` long).
+    fn check_slot_attention(
+        (b, h, d, s): (usize, usize, usize, usize),
+        slots: &[usize],
+        visible: &[Vec<bool>],
+        scale: f32,
+    ) -> Result<()> {
         use candle_core::{Device, Tensor};
         let dev = Device::Cpu;
-        let (b, h, k, d, s) = (2, 3, 2, 5, 7);
+        let (k, len) = (slots.len(), visible[0].len());
         let q = Tensor::randn(0f32, 1.0, (b, h, k, d), &dev)?;
         let kc = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
         let vc = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
-        let slots = [3usize, 5];
-        // one row of visibility per batch entry
-        let visible = [
-            [true, false, true, true, true, true],
-            [false, false, true, false, true, true],
-        ];
         let bias: Vec<f32> = visible
             .iter()
             .flatten()
             .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
             .collect();
         let op = SlotAttention {
-            slots: &slots,
+            slots,
             bias: &bias,
-            len: 6,
-            scale: 0.4,
+            len,
+            scale,
         };
         let got = q.apply_op3_no_bwd(&kc.transpose(2, 3)?.contiguous()?, &vc, &op)?;
         let q4: Vec<f32> = q.flatten_all()?.to_vec1()?;
@@ -935,7 +1020,8 @@ mod tests {
                                 return 0.0;
                             }
                             let kj = &k4[(bh * s + j) * d..][..d];
-                            (qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() as f64 * 0.4).exp()
+                            let dot: f64 = qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum();
+                            (dot * scale as f64).exp()
                         })
                         .collect();
                     let z: f64 = w.iter().sum();
@@ -944,10 +1030,30 @@ mod tests {
                             .map(|j| w[j] / z * v4[(bh * s + j) * d + c] as f64)
                             .sum();
                         let at = ((bi * k + i) * h + hi) * d + c;
-                        assert!((got[at] as f64 - want).abs() < 1e-5, "{bi} {hi} {i} {c}");
+                        let err = (got[at] as f64 - want).abs();
+                        assert!(err < 1e-5, "{bi} {hi} {i} {c}: {err}");
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn slot_attention_matches_a_direct_softmax() -> Result<()> {
+        // A head dimension below one 16-wide panel, one row of visibility per batch entry.
+        let visible = [
+            vec![true, false, true, true, true, true],
+            vec![false, false, true, false, true, true],
+        ];
+        check_slot_attention((2, 3, 5, 7), &[3, 5], &visible, 0.4)?;
+        // Head dimension 64 and 37 slots: whole panels and a partial one in both products,
+        // for 1, 2, 3 and 5 queries (each register-tile shape), queries out of slot order.
+        let visible: Vec<Vec<bool>> = (0..2)
+            .map(|e| (0..37).map(|j| (j * 7 + e) % 5 != 0).collect())
+            .collect();
+        for slots in [&[36][..], &[20, 36], &[5, 36, 17], &[30, 2, 36, 18, 25]] {
+            check_slot_attention((2, 2, 64, 40), slots, &visible, 0.125)?;
         }
         Ok(())
     }
