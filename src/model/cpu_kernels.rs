@@ -168,41 +168,17 @@ impl pulp::WithSimd for Panels<'_> {
         } = self;
         let a = (x, k);
         // Panel `p` of the range: its rows of the weight, and its `[m][16]` block of `out`.
-        let b = |p: usize| Side {
-            at: p * k * PANEL,
+        let b = Side {
+            at: range.start * k * PANEL,
             stride: PANEL,
             step: k * PANEL,
         };
-        let c = |slot: usize| Side {
-            at: slot * m * PANEL,
+        let c = Side {
+            at: 0,
             stride: PANEL,
             step: m * PANEL,
         };
-        let (start, end) = (range.start, range.end);
-        if m < 3 {
-            // One register tile for all rows, over several panels at once so that enough
-            // independent multiply-add chains are in flight (one row x one panel is 2 chains
-            // on AVX2, and each waits on the latency of the last). Three rows x two panels
-            // would need more registers than AVX2 has.
-            let group = if m == 1 { 4 } else { 2 };
-            let mut p = start;
-            while p + group <= end {
-                match m {
-                    1 => tile::<S, 1, 4>(simd, a, 0, (panels, b(p)), k, (out, c(p - start))),
-                    _ => tile::<S, 2, 2>(simd, a, 0, (panels, b(p)), k, (out, c(p - start))),
-                };
-                p += group;
-            }
-            for p in p..end {
-                rows_of_one_panel(simd, a, m, (panels, b(p)), k, (out, c(p - start)));
-            }
-        } else {
-            // Panels outer, rows inner: each panel is read from memory once and stays in L1
-            // for the row groups after the first.
-            for p in start..end {
-                rows_of_one_panel(simd, a, m, (panels, b(p)), k, (out, c(p - start)));
-            }
-        }
+        product(simd, a, m, (panels, b), k, (out, c), range.len());
     }
 }
 
@@ -215,25 +191,80 @@ struct Side {
     step: usize,
 }
 
-/// All `m` rows of one panel, four at a time.
+impl Side {
+    /// The side of the `p`-th panel after this one's.
+    fn panel(self, p: usize) -> Side {
+        Side {
+            at: self.at + p * self.step,
+            ..self
+        }
+    }
+}
+
+/// All `m` rows of panels `0..count` of a product `c = a . b` (`b` and `c` laid out as their
+/// sides say), in register tiles of R rows x C panels. The shapes keep about eight
+/// independent multiply-add chains in flight, each of which waits on the latency of its last
+/// multiply-add: a 16-column panel is two vectors on AVX2, one on AVX-512, so AVX-512 takes
+/// twice the panels per tile. With four rows or more, panels are the outer loop: each is
+/// read from memory once and stays in L1 for the row groups after the first.
 #[inline(always)]
-fn rows_of_one_panel<S: pulp::Simd>(
+fn product<S: pulp::Simd>(
     simd: S,
     a: (&[f32], usize),
     m: usize,
+    (b, bs): (&[f32], Side),
+    k: usize,
+    (c, cs): (&mut [f32], Side),
+    count: usize,
+) {
+    let per_panel = PANEL / S::F32_LANES;
+    // (At most four panels: a wider tile's accumulator array no longer stays in registers.)
+    let panels_for = |rows: usize| (8 / (rows * per_panel)).clamp(1, 4);
+    let wide = panels_for(m.min(4));
+    let mut p = 0;
+    while p < count {
+        let cols = if p + wide <= count { wide } else { 1 };
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(4);
+            tile_shape(
+                simd,
+                (rows, cols),
+                a,
+                i,
+                (b, bs.panel(p)),
+                k,
+                (&mut *c, cs.panel(p)),
+            );
+            i += rows;
+        }
+        p += cols;
+    }
+}
+
+/// [`tile`] for a shape known at run time.
+#[inline(always)]
+fn tile_shape<S: pulp::Simd>(
+    simd: S,
+    shape: (usize, usize),
+    a: (&[f32], usize),
+    i0: usize,
     b: (&[f32], Side),
     k: usize,
     c: (&mut [f32], Side),
 ) {
-    let mut i = 0;
-    while i < m {
-        i += match m - i {
-            1 => tile::<S, 1, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
-            2 => tile::<S, 2, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
-            3 => tile::<S, 3, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
-            _ => tile::<S, 4, 1>(simd, a, i, b, k, (&mut *c.0, c.1)),
-        };
-    }
+    match shape {
+        (1, 4) => tile::<S, 1, 4>(simd, a, i0, b, k, c),
+        (1, 2) => tile::<S, 1, 2>(simd, a, i0, b, k, c),
+        (2, 4) => tile::<S, 2, 4>(simd, a, i0, b, k, c),
+        (2, 2) => tile::<S, 2, 2>(simd, a, i0, b, k, c),
+        (3, 2) => tile::<S, 3, 2>(simd, a, i0, b, k, c),
+        (4, 2) => tile::<S, 4, 2>(simd, a, i0, b, k, c),
+        (1, _) => tile::<S, 1, 1>(simd, a, i0, b, k, c),
+        (2, _) => tile::<S, 2, 1>(simd, a, i0, b, k, c),
+        (3, _) => tile::<S, 3, 1>(simd, a, i0, b, k, c),
+        _ => tile::<S, 4, 1>(simd, a, i0, b, k, c),
+    };
 }
 
 /// Rows `i0..i0 + R` of `C` 16-column panels of a product `c = a . b`; returns R.
@@ -289,31 +320,17 @@ fn strided_product<S: pulp::Simd>(
     c: &mut [f32],
 ) {
     let whole = n / PANEL;
-    let bside = |p: usize| Side {
-        at: p * PANEL,
+    let bs = Side {
+        at: 0,
         stride: b_stride,
         step: PANEL,
     };
-    let cside = |p: usize| Side {
-        at: p * PANEL,
+    let cs = Side {
+        at: 0,
         stride: n,
         step: PANEL,
     };
-    let mut p = 0;
-    if m < 3 {
-        // as in the packed product: several panels per tile when there are few rows
-        let group = if m == 1 { 4 } else { 2 };
-        while p + group <= whole {
-            match m {
-                1 => tile::<S, 1, 4>(simd, a, 0, (b, bside(p)), k, (&mut *c, cside(p))),
-                _ => tile::<S, 2, 2>(simd, a, 0, (b, bside(p)), k, (&mut *c, cside(p))),
-            };
-            p += group;
-        }
-    }
-    for p in p..whole {
-        rows_of_one_panel(simd, a, m, (b, bside(p)), k, (&mut *c, cside(p)));
-    }
+    product(simd, a, m, (b, bs), k, (&mut *c, cs), whole);
     // The last, partial panel: its columns copied into a zero-padded one.
     let (first, cols) = (whole * PANEL, n - whole * PANEL);
     if cols > 0 {
@@ -327,7 +344,7 @@ fn strided_product<S: pulp::Simd>(
             stride: PANEL,
             step: PANEL,
         };
-        rows_of_one_panel(simd, a, m, (&pb, dense), k, (&mut pc, dense));
+        product(simd, a, m, (&pb, dense), k, (&mut pc, dense), 1);
         for (i, row) in pc.chunks_exact(PANEL).enumerate() {
             c[i * n + first..(i + 1) * n].copy_from_slice(&row[..cols]);
         }
