@@ -57,7 +57,12 @@ fn main() -> candle_core::Result<()> {
             .map_err(candle_core::Error::wrap)?;
         let (h, w) = zipar_studio::model::ImageArModel::grid(&model);
         let codes: Vec<u32> = (0..h * w).map(|i| (i * 7919 % 1000) as u32).collect();
-        for _ in 0..8 {
+        // an optional count of decodes (many, for `perf record`)
+        let n: usize = std::env::args()
+            .nth(3)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(8);
+        for _ in 0..n {
             let t0 = Instant::now();
             model.vq().decode_rgb(&codes, h, w)?;
             println!("decode {h}x{w}: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
