@@ -217,6 +217,9 @@ fn product<S: pulp::Simd>(
     (c, cs): (&mut [f32], Side),
     count: usize,
 ) {
+    if m == 0 {
+        return;
+    }
     let per_panel = PANEL / S::F32_LANES;
     // (At most four panels: a wider tile's accumulator array no longer stays in registers.)
     let panels_for = |rows: usize| (8 / (rows * per_panel)).clamp(1, 4);
@@ -260,10 +263,24 @@ fn tile_shape<S: pulp::Simd>(
         (2, 2) => tile::<S, 2, 2>(simd, a, i0, b, k, c),
         (3, 2) => tile::<S, 3, 2>(simd, a, i0, b, k, c),
         (4, 2) => tile::<S, 4, 2>(simd, a, i0, b, k, c),
-        (1, _) => tile::<S, 1, 1>(simd, a, i0, b, k, c),
-        (2, _) => tile::<S, 2, 1>(simd, a, i0, b, k, c),
-        (3, _) => tile::<S, 3, 1>(simd, a, i0, b, k, c),
-        _ => tile::<S, 4, 1>(simd, a, i0, b, k, c),
+        (1, 1) => tile::<S, 1, 1>(simd, a, i0, b, k, c),
+        (2, 1) => tile::<S, 2, 1>(simd, a, i0, b, k, c),
+        (3, 1) => tile::<S, 3, 1>(simd, a, i0, b, k, c),
+        (4, 1) => tile::<S, 4, 1>(simd, a, i0, b, k, c),
+        (rows, cols) => {
+            // a shape without a tile of its own: one panel at a time
+            let ((bv, bs), (cv, cs)) = (b, c);
+            for q in 0..cols {
+                let (b, c) = ((bv, bs.panel(q)), (&mut *cv, cs.panel(q)));
+                match rows {
+                    1 => tile::<S, 1, 1>(simd, a, i0, b, k, c),
+                    2 => tile::<S, 2, 1>(simd, a, i0, b, k, c),
+                    3 => tile::<S, 3, 1>(simd, a, i0, b, k, c),
+                    _ => tile::<S, 4, 1>(simd, a, i0, b, k, c),
+                };
+            }
+            rows
+        }
     };
 }
 
@@ -1083,6 +1100,7 @@ mod tests {
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
         for &(m, k, n) in &[
+            (0, 8, 20),
             (1, 7, 5),
             (3, 13, 33),
             (2, 256, 768),
