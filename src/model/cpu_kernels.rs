@@ -10,7 +10,7 @@
 //! panel once, applying it to all input rows from registers: a k-input pass reads the same
 //! bytes as a 1-input pass.
 //!
-//! SIMD through `pulp` (runtime dispatch to AVX2/FMA, NEON, ...; no `unsafe` here). Two
+//! SIMD through `pulp` (runtime dispatch to AVX-512, AVX2/FMA, NEON, ...; no `unsafe` here). Two
 //! threads split the panels when the work is large enough to pay for the fork. The kernels
 //! are candle custom ops, so the model code stays candle tensors; on a GPU the ordinary
 //! candle ops run instead.
