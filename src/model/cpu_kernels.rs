@@ -20,8 +20,11 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 /// Output columns per panel of a packed weight.
 pub(crate) const PANEL: usize = 16;
 
-/// Multiply-adds below which the work stays on one thread.
-const PARALLEL_MIN: usize = 1 << 17;
+/// Multiply-adds below which the work stays on one thread. Lowered from 2^17 once the tiles
+/// got faster: the 1-row 256 x 256 projections and the attention of 2-4 queries now split
+/// too (`pass_cost`, min of 4 alternated runs: a 1-input CFG pass 388 -> 272 us, 4 inputs
+/// without CFG 370 -> 313 us; 2^14 gained nothing more).
+const PARALLEL_MIN: usize = 1 << 15;
 
 /// A `[k, n]` weight stored as panels of [`PANEL`] columns: panel `p` holds rows `0..k` of
 /// columns `p*16 .. p*16 + 16` contiguously (zero-padded past `n`), so a pass reads each panel
