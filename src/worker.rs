@@ -460,8 +460,37 @@ impl Worker {
             t_image.elapsed().as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64() * 1e3,
         );
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!("run {job} {}", slowest_passes(&trace.pass_ms, 5));
+        }
         Ok((trace, image, started.elapsed()))
     }
+}
+
+/// The `n` slowest passes after the first (the prefill) against the median pass, each with
+/// when it started in the run: where a run lost time to something else on the machine.
+fn slowest_passes(pass_ms: &[f64], n: usize) -> String {
+    let mut sorted = pass_ms.get(1..).unwrap_or_default().to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let mut at = 0.0;
+    let mut passes: Vec<(usize, f64, f64)> = pass_ms
+        .iter()
+        .enumerate()
+        .map(|(i, &ms)| {
+            let start = at;
+            at += ms;
+            (i, ms, start)
+        })
+        .skip(1)
+        .collect();
+    passes.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slow: Vec<String> = passes
+        .iter()
+        .take(n)
+        .map(|(i, ms, start)| format!("#{i} {ms:.2} ms at {start:.1} ms"))
+        .collect();
+    format!("median pass {median:.2} ms; slowest: {}", slow.join(", "))
 }
 
 enum GenError {
@@ -504,5 +533,21 @@ fn palette_thread(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slowest_passes_skip_the_prefill_and_say_when_each_started() {
+        let line = super::slowest_passes(&[9.0, 1.0, 5.0, 1.0, 3.0, 1.0], 2);
+        assert_eq!(
+            line,
+            "median pass 1.00 ms; slowest: #2 5.00 ms at 10.0 ms, #4 3.00 ms at 16.0 ms"
+        );
+        assert_eq!(
+            super::slowest_passes(&[], 3),
+            "median pass 0.00 ms; slowest: "
+        );
     }
 }
