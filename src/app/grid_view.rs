@@ -529,7 +529,7 @@ pub fn exact_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width:
 /// Tokens per pass and milliseconds per pass (egui_plot: axes, hover values), with the
 /// replay position as a vertical line.
 pub fn pass_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: f32) {
-    use egui_plot::{Bar, BarChart, Line, PlotPoints, VLine};
+    use egui_plot::{Line, PlotPoints, VLine};
     let n = run.pass_ms.len();
     if n == 0 {
         return;
@@ -542,13 +542,17 @@ pub fn pass_plot_ui(ui: &mut egui::Ui, run: &RunView, at: Option<usize>, width: 
             .include_x(n as f64)
     };
     plot("tokens_per_pass", "tokens").show(ui, |p| {
-        let bars = run
+        // A filled step line, as the bars of width 1 it replaces looked: one shape instead of
+        // a rect with an outline per pass. (The bars cost 3.5 ms of CPU a frame on a software
+        // renderer, mostly their area, which the fill still covers: about 1 ms is saved.)
+        let steps: PlotPoints = run
             .tokens_per_pass
             .iter()
             .enumerate()
-            .map(|(i, &k)| Bar::new(i as f64, k as f64).width(1.0).fill(accent))
+            .flat_map(|(i, &k)| [[i as f64 - 0.5, k as f64], [i as f64 + 0.5, k as f64]])
             .collect();
-        p.bar_chart(BarChart::new("tokens per pass", bars).color(accent));
+        let line = Line::new("tokens per pass", steps).color(accent);
+        p.line(line.fill(0.0).fill_alpha(1.0));
         if let Some(x) = at {
             p.vline(VLine::new("replay", x as f64).color(marker));
         }
