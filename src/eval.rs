@@ -34,16 +34,7 @@ pub fn teacher_forced(
     };
     let mut out = model.prefill(cond, opts)?;
     if tokens.len() > 1 {
-        let inputs: Vec<ModelInput> = tokens[..tokens.len() - 1]
-            .iter()
-            .enumerate()
-            .map(|(pos, &token)| ModelInput {
-                token,
-                pos,
-                wants_logits: true,
-            })
-            .collect();
-        let rest = model.step(&inputs)?;
+        let rest = model.step(&ModelInput::teacher_forced(&tokens[..tokens.len() - 1]))?;
         out.cond.extend(rest.cond);
         if let (Some(u), Some(r)) = (out.uncond.as_mut(), rest.uncond) {
             u.extend(r);

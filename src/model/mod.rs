@@ -56,6 +56,21 @@ pub struct ModelInput {
     pub wants_logits: bool,
 }
 
+impl ModelInput {
+    /// `tokens` fed at positions `0..`, each wanting its logits: a teacher-forced pass.
+    pub fn teacher_forced(tokens: &[u32]) -> Vec<ModelInput> {
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(pos, &token)| ModelInput {
+                token,
+                pos,
+                wants_logits: true,
+            })
+            .collect()
+    }
+}
+
 /// Logits of one pass: one row per input that wanted them, in input order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PassLogits {

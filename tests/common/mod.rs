@@ -82,15 +82,7 @@ pub fn one_pass_logits_match(
         .expect("prefill");
     let d = max_abs_diff(&first.cond[0], &want[prompt - 1]);
     assert!(d < 1e-4, "{name}: prompt logits differ by {d}");
-    let inputs: Vec<ModelInput> = ids[prompt..]
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| ModelInput {
-            token,
-            pos,
-            wants_logits: true,
-        })
-        .collect();
+    let inputs = ModelInput::teacher_forced(&ids[prompt..]);
     let out = gpt.step(&mut session, &inputs).expect("pass");
     for (i, row) in out.cond.iter().enumerate() {
         let d = max_abs_diff(row, &want[prompt + i]);
