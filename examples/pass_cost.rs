@@ -1,6 +1,7 @@
 //! Cost of one forward pass of the built-in model by number of inputs (release build, quiet
 //! machine): `cargo run --release --example pass_cost [cfg]`. Prints the median microseconds
 //! of `step` for 1..16 inputs at scattered slots, with and without classifier-free guidance.
+//! The passes run inside candle's thread pool, as `engine::generate` runs them.
 
 use std::time::Instant;
 
@@ -9,6 +10,12 @@ use zipar_studio::model::llamagen::LlamaGen;
 use zipar_studio::model::{Condition, ImageArModel, ModelInput, RunOptions};
 
 fn main() -> anyhow::Result<()> {
+    Device::Cpu
+        .with_context(|| measure().map_err(|e| e.to_string()))
+        .map_err(anyhow::Error::msg)
+}
+
+fn measure() -> anyhow::Result<()> {
     let mut model = LlamaGen::load(&zipar_studio::default_model_dir(), &Device::Cpu)?;
     let reps = 300;
     for cfg in [false, true] {

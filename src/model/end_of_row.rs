@@ -173,7 +173,11 @@ impl ImageArModel for EndOfRowLm {
     }
 
     fn wide_passes_are_cheap(&self) -> bool {
-        !self.gpt.device().is_cpu()
+        !self.on_cpu()
+    }
+
+    fn on_cpu(&self) -> bool {
+        self.gpt.device().is_cpu()
     }
 
     fn image_decoder(&self) -> Arc<dyn ImageDecoder> {

@@ -181,6 +181,11 @@ pub trait ImageArModel: Send {
     fn wide_passes_are_cheap(&self) -> bool {
         true
     }
+    /// Whether the model computes on the CPU with candle's thread pool; a run then goes inside
+    /// that pool as a whole (see [`crate::decode::engine::generate`]).
+    fn on_cpu(&self) -> bool {
+        false
+    }
     /// Starts (`Some(layer)`: that layer's heads are kept one by one) or stops recording the
     /// attention probabilities of every pass. Off, it costs nothing. Returns whether the model
     /// can record them.
