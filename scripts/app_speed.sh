@@ -19,6 +19,9 @@ for _ in $(seq "$clicks"); do
   sleep 4
 done
 kill $app 2>/dev/null || true
+# the CLI's side runs on a quiet machine: the app has exited and its frames are over
+wait $app 2>/dev/null || true
+sleep 1
 median() { sort -n | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 app_ms() { grep "finished: $1 " "$tmp/app.log" | sed -E 's/.*decode ([0-9.]+) ms.*/\1/' | median; }
 app_ntp=$(app_ms ntp)
