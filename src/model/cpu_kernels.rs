@@ -205,11 +205,15 @@ impl Side {
 }
 
 /// All `m` rows of panels `0..count` of a product `c = a . b` (`b` and `c` laid out as their
-/// sides say), in register tiles of R rows x C panels. The shapes keep about eight
+/// sides say), in register tiles of R rows x C panels. The shapes keep at least eight
 /// independent multiply-add chains in flight, each of which waits on the latency of its last
 /// multiply-add: a 16-column panel is two vectors on AVX2, one on AVX-512, so AVX-512 takes
-/// twice the panels per tile. With four rows or more, panels are the outer loop: each is
-/// read from memory once and stays in L1 for the row groups after the first.
+/// twice the panels per tile. AVX-512's 32 registers hold up to 16 accumulators (AVX2's 16
+/// hold 8): from three rows on, its tiles are four panels wide, so each row of weights loaded
+/// feeds more multiply-adds and more panels stream from memory at once (a pass of 2-8 inputs
+/// 6-14% faster than with two-panel tiles, on the built-in and the LlamaGen-B-sized model).
+/// With four rows or more, panels are the outer loop: each is read from memory once and
+/// stays in L1 for the row groups after the first.
 #[inline(always)]
 fn product<S: pulp::Simd>(
     simd: S,
@@ -224,8 +228,9 @@ fn product<S: pulp::Simd>(
         return;
     }
     let per_panel = PANEL / S::F32_LANES;
+    let accumulators = if S::F32_LANES == 16 { 16 } else { 8 };
     // (At most four panels: a wider tile's accumulator array no longer stays in registers.)
-    let panels_for = |rows: usize| (8 / (rows * per_panel)).clamp(1, 4);
+    let panels_for = |rows: usize| (accumulators / (rows * per_panel)).clamp(1, 4);
     let wide = panels_for(m.min(4));
     let mut p = 0;
     while p < count {
@@ -264,6 +269,8 @@ fn tile_shape<S: pulp::Simd>(
         (1, 2) => tile::<S, 1, 2>(simd, a, i0, b, k, c),
         (2, 4) => tile::<S, 2, 4>(simd, a, i0, b, k, c),
         (2, 2) => tile::<S, 2, 2>(simd, a, i0, b, k, c),
+        (3, 4) => tile::<S, 3, 4>(simd, a, i0, b, k, c),
+        (4, 4) => tile::<S, 4, 4>(simd, a, i0, b, k, c),
         (3, 2) => tile::<S, 3, 2>(simd, a, i0, b, k, c),
         (4, 2) => tile::<S, 4, 2>(simd, a, i0, b, k, c),
         (1, 1) => tile::<S, 1, 1>(simd, a, i0, b, k, c),
@@ -1107,6 +1114,8 @@ mod tests {
             (1, 7, 5),
             (3, 13, 33),
             (2, 256, 768),
+            (3, 40, 96),
+            (4, 31, 64),
             (16, 64, 1024),
             (5, 257, 100),
             (70, 9, 40),
