@@ -577,7 +577,22 @@ mod tests {
             Ok(self.logits(inputs.iter().filter(|i| i.wants_logits).count()))
         }
         fn image_decoder(&self) -> std::sync::Arc<dyn ImageDecoder> {
-            unimplemented!("not needed to decode tokens")
+            std::sync::Arc::new(NoPixels)
+        }
+    }
+
+    /// The recorder's decoder: it has no pixels to give.
+    struct NoPixels;
+
+    impl ImageDecoder for NoPixels {
+        fn decode(&self, _: &[u32]) -> anyhow::Result<crate::model::RgbImage> {
+            anyhow::bail!("the recorder has no image decoder")
+        }
+        fn grid(&self) -> (usize, usize) {
+            (2, 2)
+        }
+        fn codebook_size(&self) -> usize {
+            4
         }
     }
 

@@ -172,10 +172,6 @@ impl ImageArModel for EndOfRowLm {
         Ok(self.image_logits(out))
     }
 
-    fn wide_passes_are_cheap(&self) -> bool {
-        !self.on_cpu()
-    }
-
     fn on_cpu(&self) -> bool {
         self.gpt.device().is_cpu()
     }

@@ -179,7 +179,7 @@ pub trait ImageArModel: Send {
     /// passes are memory-bound). On a CPU each input adds arithmetic, and the exact mode then
     /// feeds fewer inputs per pass at the price of a few more passes.
     fn wide_passes_are_cheap(&self) -> bool {
-        true
+        !self.on_cpu()
     }
     /// Whether the model computes on the CPU with candle's thread pool; a run then goes inside
     /// that pool as a whole (see [`crate::decode::engine::generate`]).

@@ -239,10 +239,6 @@ impl ImageArModel for LlamaGen {
         self.session.as_mut()?.take_attention()
     }
 
-    fn wide_passes_are_cheap(&self) -> bool {
-        !self.on_cpu()
-    }
-
     fn on_cpu(&self) -> bool {
         self.gpt.device().is_cpu()
     }
