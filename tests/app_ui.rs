@@ -61,6 +61,25 @@ fn settings(export: &std::path::Path) -> Settings {
     }
 }
 
+/// A copy of the tiny model in a temporary folder, its `config.json` changed by `edit`.
+fn tiny_copy(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let model = tempfile::tempdir().expect("tempdir");
+    for f in [
+        "config.json",
+        "gpt.safetensors",
+        "vq.safetensors",
+        "classes.json",
+    ] {
+        std::fs::copy(fixture("tiny").join(f), model.path().join(f)).expect("copy");
+    }
+    let path = model.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).expect("write");
+    model
+}
+
 fn model_ready(app: &StudioApp) -> bool {
     matches!(app.model, zipar_studio::app::ModelState::Ready(_))
 }
@@ -165,8 +184,17 @@ fn a_bad_model_folder_shows_an_error_and_the_app_stays_usable() {
 
 #[test]
 fn stop_cancels_a_running_job() {
+    // The tiny model on a 48 x 48 grid (RoPE and the cache follow the grid; the weights do
+    // not): its 30-pass run could end before `stop` was called when the test thread lost its
+    // core, 2,304 passes cannot.
+    let model = tiny_copy(|cfg| {
+        cfg["grid_h"] = 48.into();
+        cfg["grid_w"] = 48.into();
+    });
     let out = tempfile::tempdir().expect("tempdir");
     let mut s = settings(out.path());
+    s.model_dir = Some(model.path().to_path_buf());
+    s.defaults_applied_for = Some(model.path().to_path_buf());
     s.prompt = "dog".into();
     s.mode = Mode::Ntp;
     let mut h = harness(s);
@@ -182,20 +210,9 @@ fn stop_cancels_a_running_job() {
 
 #[test]
 fn a_model_loaded_for_the_first_time_brings_its_recommended_settings() {
-    let model = tempfile::tempdir().expect("tempdir");
-    for f in [
-        "config.json",
-        "gpt.safetensors",
-        "vq.safetensors",
-        "classes.json",
-    ] {
-        std::fs::copy(fixture("tiny").join(f), model.path().join(f)).expect("copy");
-    }
-    let path = model.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
-    cfg["defaults"] = serde_json::json!({"cfg": 1.5, "top_k": 7, "window": 5});
-    std::fs::write(&path, cfg.to_string()).expect("write");
+    let model = tiny_copy(|cfg| {
+        cfg["defaults"] = serde_json::json!({"cfg": 1.5, "top_k": 7, "window": 5});
+    });
 
     let out = tempfile::tempdir().expect("tempdir");
     let mut s = settings(out.path());
